@@ -1,0 +1,103 @@
+"""Micro-batching: many small requests become one RPC / one pipeline.
+
+``Batcher.submit(item, done)`` queues an item and returns at once. The batch is flushed when
+it reaches ``max_batch`` items or ``delay_s`` after its first item, whichever comes first;
+``flush(items)`` is one coroutine call for the whole batch and returns one result per item (or
+raises, and every item's ``done`` gets the exception). ``done(result, error)`` is a plain
+callback, so a waiting connection costs no task or future. At most ``max_pending`` items wait;
+past that ``submit`` raises ``Overloaded`` and the caller sheds (the 360 lesson: unbounded
+fan-out under jitter is what blows up memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+from services.common import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Done = Callable[[Any, BaseException | None], None]
+
+
+class Overloaded(Exception):
+    """A bounded queue is full; the caller should shed and tell its peer to retry later."""
+
+
+class Batcher(Generic[T]):
+    def __init__(self, name: str, flush: Callable[[list[T]], Awaitable[Sequence[Any] | None]], *,
+                 max_batch: int = 500, delay_s: float = 0.002, max_pending: int = 50_000,
+                 max_concurrent_flushes: int = 4) -> None:
+        self.name = name
+        self._flush_fn = flush
+        self.max_batch = max_batch
+        self.delay_s = delay_s
+        self.max_pending = max_pending
+        self._items: list[T] = []
+        self._dones: list[Done | None] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending = 0  # queued + in flight
+        self._sem = asyncio.Semaphore(max_concurrent_flushes)
+        self._tasks: set[asyncio.Task] = set()
+        self._depth = metrics.QUEUE_DEPTH.labels(name)
+        self._shed = metrics.SHED.labels(name)
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def submit(self, item: T, done: Done | None = None) -> None:
+        if self._pending >= self.max_pending:
+            self._shed.inc()
+            raise Overloaded(f"{self.name} queue full ({self.max_pending})")
+        self._items.append(item)
+        self._dones.append(done)
+        self._pending += 1
+        if len(self._items) >= self.max_batch:
+            self._start_flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._start_flush)
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._items:
+            return
+        items, dones = self._items, self._dones
+        self._items, self._dones = [], []
+        self._depth.set(self._pending)
+        task = asyncio.get_running_loop().create_task(self._run(items, dones))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, items: list[T], dones: list[Done | None]) -> None:
+        results: Sequence[Any] | None = None
+        error: BaseException | None = None
+        try:
+            async with self._sem:
+                results = await self._flush_fn(items)
+        except asyncio.CancelledError:
+            error = ConnectionAbortedError(f"{self.name} cancelled")
+        except Exception as exc:
+            error = exc
+            log.warning("%s: batch of %d failed: %s", self.name, len(items), exc)
+        finally:
+            self._pending -= len(items)
+            self._depth.set(self._pending)
+        for i, done in enumerate(dones):
+            if done is None:
+                continue
+            try:
+                done(results[i] if (error is None and results is not None) else None, error)
+            except Exception:
+                log.exception("%s: completion callback failed", self.name)
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Flush what is queued and wait for flushes in flight."""
+        self._start_flush()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)

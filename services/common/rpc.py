@@ -1,0 +1,128 @@
+"""The one internal RPC client layer (DESIGN.md §2).
+
+``ChannelPool`` keeps a few ``grpc.aio`` channels per target (HTTP/2 connections, each carrying
+many concurrent calls); ``ServiceClient`` picks a live instance of a service from discovery and
+returns a stub on a pooled channel. Every call made through ``call`` has a deadline and is
+timed in ``pylon_rpc_seconds``. In-flight calls per client are bounded by a semaphore so a
+burst queues here instead of piling thousands of calls on one channel (3,000 concurrent calls
+on one channel ended CANCELLED in our measurements).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from typing import Any, Callable
+
+import grpc
+
+from services.common import metrics
+from services.common.discovery import Discovery, Instance
+
+# 64 MiB: a push batch of 500 x 64 KiB payloads must fit
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+class NoInstanceError(Exception):
+    """No live instance of the service is known to discovery."""
+
+
+class ChannelPool:
+    def __init__(self, channels_per_target: int = 2) -> None:
+        self.size = channels_per_target
+        self._channels: dict[str, list[grpc.aio.Channel]] = {}
+        self._rr: dict[str, itertools.cycle] = {}
+
+    def channel(self, target: str) -> grpc.aio.Channel:
+        chans = self._channels.get(target)
+        if chans is None:
+            chans = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(self.size)]
+            self._channels[target] = chans
+            self._rr[target] = itertools.cycle(chans)
+        return next(self._rr[target])
+
+    async def drop(self, target: str) -> None:
+        for ch in self._channels.pop(target, []):
+            await ch.close()
+        self._rr.pop(target, None)
+
+    async def close(self) -> None:
+        for target in list(self._channels):
+            await self.drop(target)
+
+
+class ServiceClient:
+    """Calls to one service, targets from discovery."""
+
+    def __init__(self, discovery: Discovery, pool: ChannelPool, service: str, stub_cls: Callable[[Any], Any],
+                 deadline_s: float = 5.0, max_in_flight: int = 256) -> None:
+        self.discovery = discovery
+        self.pool = pool
+        self.service = service
+        self.stub_cls = stub_cls
+        self.deadline_s = deadline_s
+        self._stubs: dict[str, Any] = {}
+        self._sem = asyncio.Semaphore(max_in_flight)
+
+    def stub_for(self, target: str) -> Any:
+        ch = self.pool.channel(target)
+        key = f"{target}#{id(ch)}"
+        stub = self._stubs.get(key)
+        if stub is None:
+            stub = self._stubs[key] = self.stub_cls(ch)
+        return stub
+
+    async def instances(self) -> list[Instance]:
+        return [i for i in await self.discovery.instances(self.service) if i.grpc]
+
+    async def pick(self, key: str | None = None) -> Instance:
+        live = await self.instances()
+        if not live:
+            live = [i for i in await self.discovery.instances(self.service, fresh=True) if i.grpc]
+        if not live:
+            raise NoInstanceError(f"no live {self.service} instance")
+        if key is None:
+            return random.choice(live)
+        return live[hash(key) % len(live)]
+
+    async def call(self, method: str, request: Any, target: str | None = None, deadline_s: float | None = None) -> Any:
+        if target is None:
+            target = (await self.pick()).grpc
+        stub = self.stub_for(target)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            async with self._sem:
+                return await getattr(stub, method)(request, timeout=deadline_s or self.deadline_s)
+        except grpc.aio.AioRpcError as exc:
+            outcome = exc.code().name.lower()
+            raise
+        finally:
+            metrics.RPC_SECONDS.labels(self.service, method, outcome).observe(time.perf_counter() - started)
+
+
+async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]]) -> grpc.aio.Server:
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    for add, servicer in add_servicers:
+        add(servicer, server)
+    port = server.add_insecure_port(bind)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC server to {bind}")
+    await server.start()
+    return server

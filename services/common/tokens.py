@@ -1,0 +1,97 @@
+"""Client tokens: JWT, HS256, signed with the app's secret (DESIGN.md §5).
+
+Claims: ``sub`` = uid, ``dev`` = device id, ``app`` = app id, ``exp`` = expiry (unix seconds),
+``iat`` = issued at. Any standard JWT library produces tokens this module accepts; this
+implementation exists so that the room verifies without importing a JWT library per process.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+MAX_TOKEN_BYTES = 4096  # a token is a few hundred bytes; anything larger is garbage
+
+
+class TokenError(Exception):
+    """The token is not acceptable. ``expired`` tells apart a good-but-old token."""
+
+    def __init__(self, message: str, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _unb64(data: str) -> bytes:
+    return base64.urlsafe_b64decode(data + "=" * (-len(data) % 4))
+
+
+def sign(secret: str, uid: str, app: str, ttl_s: int, device_id: str = "", now: float | None = None) -> tuple[str, int]:
+    """Return (token, expires_at)."""
+    issued = int(now if now is not None else time.time())
+    exp = issued + int(ttl_s)
+    claims = {"sub": uid, "app": app, "exp": exp, "iat": issued}
+    if device_id:
+        claims["dev"] = device_id
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = _HEADER + b"." + payload
+    sig = _b64(hmac.new(secret.encode(), signing_input, hashlib.sha256).digest())
+    return (signing_input + b"." + sig).decode(), exp
+
+
+def unverified_app(token: str) -> str:
+    """The ``app`` claim without checking the signature, to pick the secret to verify with."""
+    claims = _claims(token)
+    app = claims.get("app")
+    if not isinstance(app, str) or not app:
+        raise TokenError("token has no app claim")
+    return app
+
+
+def _claims(token: str) -> dict:
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenError("token too long")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("token is not a JWT")
+    try:
+        claims = json.loads(_unb64(parts[1]))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenError("token payload is not JSON") from exc
+    if not isinstance(claims, dict):
+        raise TokenError("token payload is not an object")
+    return claims
+
+
+def verify(token: str, secret: str, now: float | None = None, leeway_s: int = 30) -> dict:
+    """Check signature, algorithm and expiry; return the claims."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise TokenError("token too long")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("token is not a JWT")
+    try:
+        header = json.loads(_unb64(parts[0]))
+        expected = _b64(hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenError("token header is not JSON") from exc
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise TokenError("token algorithm must be HS256")
+    if not hmac.compare_digest(expected, parts[2].encode()):
+        raise TokenError("bad token signature")
+    claims = _claims(token)
+    exp = claims.get("exp")
+    if not isinstance(exp, (int, float)):
+        raise TokenError("token has no exp claim")
+    if exp + leeway_s < (now if now is not None else time.time()):
+        raise TokenError("token expired", expired=True)
+    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+        raise TokenError("token has no sub claim")
+    return claims

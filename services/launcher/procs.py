@@ -1,0 +1,92 @@
+"""Start Pylon service processes (``python -m services.cli <service> ...``) and stop them by PID."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from services.common.config import CommonConfig
+from services.launcher.backing import port_open
+
+
+def common_env(cfg: CommonConfig, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment that makes a child process read ``cfg`` as its [pylon] section."""
+    env = dict(os.environ)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        env[f"PYLON_{f.name.upper()}"] = ",".join(value) if isinstance(value, list) else str(value)
+    env.update(extra or {})
+    return env
+
+
+@dataclasses.dataclass
+class ServiceProcess:
+    name: str
+    proc: subprocess.Popen
+    log_path: str
+    pidfile: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.pidfile:
+            try:
+                os.unlink(self.pidfile)
+            except FileNotFoundError:
+                pass
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+
+def start(name: str, args: list[str], env: dict[str, str], log_dir: str, wait_for: list[tuple[str, int]] = (),
+          timeout_s: float = 30.0, pid_dir: str | None = None) -> ServiceProcess:
+    """Start ``pylon <args>`` as a child; wait until every (host, port) in ``wait_for`` accepts."""
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{name}.log")
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    pidfile = ""
+    if pid_dir:
+        os.makedirs(pid_dir, exist_ok=True)
+        pidfile = os.path.join(pid_dir, f"{name}.pid")
+        with open(pidfile, "w") as fh:
+            fh.write(str(proc.pid))
+    sp = ServiceProcess(name, proc, log_path, pidfile)
+    deadline = time.monotonic() + timeout_s
+    for host, port in wait_for:
+        while not port_open(host, port):
+            if not sp.alive():
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{sp.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                sp.stop()
+                raise RuntimeError(f"{name} did not listen on {host}:{port} in {timeout_s}s:\n{sp.log_text()[-3000:]}")
+            time.sleep(0.05)
+    return sp
