@@ -106,12 +106,38 @@ def encode(op: int, body: bytes = b"", seq: int = 0, flags: int = 0) -> bytes:
     return HEADER.pack(HEADER_SIZE + len(body), VERSION, op, flags, seq & _MAX_U32) + body
 
 
+def split(buf: bytes, max_frame: int) -> tuple[list[Frame], int]:
+    """Every complete frame at the start of ``buf`` and the number of bytes they used.
+
+    A header that announces more than ``max_frame`` bytes is rejected as soon as the header is
+    in, before the body is buffered, so a peer cannot make us hold more than ``max_frame`` bytes.
+    Stateless, so a connection object needs only its leftover bytes, not a decoder object.
+    """
+    frames: list[Frame] = []
+    pos = 0
+    end = len(buf)
+    unpack = HEADER.unpack_from
+    while end - pos >= HEADER_SIZE:
+        length, ver, op, flags, seq = unpack(buf, pos)
+        if ver != VERSION:
+            raise FrameError(ErrorCode.UNSUPPORTED_VERSION, f"unsupported protocol version {ver}")
+        if length < HEADER_SIZE:
+            raise FrameError(ErrorCode.MALFORMED_FRAME, f"frame length {length} is shorter than the header")
+        if length > max_frame:
+            raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds the maximum of {max_frame}")
+        if op not in _KNOWN_OPS:
+            raise FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op}")
+        if end - pos < length:
+            break
+        frames.append(Frame(op, seq, buf[pos + HEADER_SIZE : pos + length], flags))
+        pos += length
+    return frames, pos
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed(data)`` returns every complete frame in ``data``.
 
-    Partial frames are kept until the rest arrives. A header that announces more than
-    ``max_frame`` bytes is rejected as soon as the header is in, before buffering the body,
-    so a peer cannot make us hold more than ``max_frame`` bytes.
+    Partial frames are kept until the rest arrives; see ``split`` for the size bound.
     """
 
     __slots__ = ("max_frame", "_buf")
@@ -125,29 +151,11 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[Frame]:
-        buf = self._buf + data if self._buf else data
-        frames: list[Frame] = []
-        pos = 0
-        end = len(buf)
-        unpack = HEADER.unpack_from
-        max_frame = self.max_frame
-        while end - pos >= HEADER_SIZE:
-            length, ver, op, flags, seq = unpack(buf, pos)
-            if ver != VERSION:
-                self._buf = b""
-                raise FrameError(ErrorCode.UNSUPPORTED_VERSION, f"unsupported protocol version {ver}")
-            if length < HEADER_SIZE:
-                self._buf = b""
-                raise FrameError(ErrorCode.MALFORMED_FRAME, f"frame length {length} is shorter than the header")
-            if length > max_frame:
-                self._buf = b""
-                raise FrameError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes exceeds the maximum of {max_frame}")
-            if op not in _KNOWN_OPS:
-                self._buf = b""
-                raise FrameError(ErrorCode.UNKNOWN_OP, f"unknown op {op}")
-            if end - pos < length:
-                break
-            frames.append(Frame(op, seq, bytes(buf[pos + HEADER_SIZE : pos + length]), flags))
-            pos += length
-        self._buf = bytes(buf[pos:]) if pos < end else b""
+        buf = self._buf + data if self._buf else bytes(data)
+        try:
+            frames, used = split(buf, self.max_frame)
+        except FrameError:
+            self._buf = b""
+            raise
+        self._buf = buf[used:] if used < len(buf) else b""
         return frames

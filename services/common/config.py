@@ -13,7 +13,8 @@ import dataclasses
 import os
 import tomllib
 import typing
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 

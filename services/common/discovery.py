@@ -38,7 +38,7 @@ class Instance:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Instance":
+    def from_json(cls, text: str | bytes) -> Instance:
         data = json.loads(text)
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)

@@ -116,12 +116,14 @@ class Kick(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("kind", "addresses")
+    __slots__ = ("kind", "addresses", "apps")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    APPS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, kind: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    apps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., apps: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "fatal", "retry_after_ms")

@@ -1,0 +1,61 @@
+"""The ``[center]`` config section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import require
+
+# A PUSH frame carries the payload plus a header (12 bytes) and the Message envelope (msg_id,
+# app id up to 64 bytes, created_ms, seq: < 128 bytes); 1 KiB of headroom keeps every payload
+# inside the room's default 64 KiB frame.
+MAX_FRAME_BYTES = 64 * 1024
+FRAME_HEADROOM_BYTES = 1024
+
+
+@dataclass
+class CenterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # 0 = /metrics only on the API port; otherwise also a bare metrics listener on this port
+    metrics_port: int = 0
+    # Bearer key for /v1/apps and for acting on behalf of any app; empty disables admin routes
+    admin_key: str = ""
+    # whole request body; a 60 KiB payload in base64 (80 KiB) plus 1000 uids of 128 chars fits in 1 MiB
+    max_body_bytes: int = 1024 * 1024
+    max_uids_per_push: int = 1000
+    max_payload_bytes: int = 60 * 1024
+    max_uid_len: int = 128
+    default_ttl_s: int = 24 * 3600
+    max_ttl_s: int = 30 * 24 * 3600
+    token_ttl_s: int = 7 * 24 * 3600
+    max_token_ttl_s: int = 90 * 24 * 3600
+    # a Saver.Store / Room.Push call carries at most this many payload bytes (gRPC limit is 64 MiB)
+    rpc_batch_bytes: int = 8 * 1024 * 1024
+    # deadline of one Room.Push / Room.Broadcast; a slow room must not hold up the caller
+    room_deadline_s: float = 2.0
+    # app lookups by API key / id are cached this long (other centers see app edits after it)
+    app_cache_ttl_s: float = 10.0
+    app_cache_miss_ttl_s: float = 2.0
+    mysql_pool_size: int = 4
+    shutdown_grace_s: float = 5.0
+
+    def validate(self) -> None:
+        require(0 <= self.port < 65536, "center.port", "must be a TCP port (0 = any free port)")
+        require(0 <= self.metrics_port < 65536, "center.metrics_port", "must be a TCP port or 0")
+        require(not self.admin_key or len(self.admin_key) >= 8, "center.admin_key", "must be empty or >= 8 characters")
+        require(1024 <= self.max_body_bytes <= 64 * 1024 * 1024, "center.max_body_bytes", "must be 1 KiB .. 64 MiB")
+        require(1 <= self.max_uids_per_push <= 100_000, "center.max_uids_per_push", "must be 1 .. 100000")
+        require(1 <= self.max_payload_bytes <= MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES, "center.max_payload_bytes",
+                f"must be 1 .. {MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES} (a payload must fit in one 64 KiB frame)")
+        require(1 <= self.max_uid_len <= 128, "center.max_uid_len", "must be 1 .. 128 (the messages.uid column)")
+        require(1 <= self.default_ttl_s <= self.max_ttl_s, "center.default_ttl_s", "must be 1 .. max_ttl_s")
+        require(self.max_ttl_s <= 365 * 24 * 3600, "center.max_ttl_s", "must be at most a year")
+        require(60 <= self.token_ttl_s <= self.max_token_ttl_s, "center.token_ttl_s", "must be 60 .. max_token_ttl_s")
+        require(self.rpc_batch_bytes >= self.max_payload_bytes * 2, "center.rpc_batch_bytes",
+                "must hold at least two payloads")
+        require(self.rpc_batch_bytes <= 32 * 1024 * 1024, "center.rpc_batch_bytes", "must be <= 32 MiB")
+        require(self.room_deadline_s > 0, "center.room_deadline_s", "must be > 0")
+        require(self.app_cache_ttl_s >= 0 and self.app_cache_miss_ttl_s >= 0, "center.app_cache_ttl_s", "must be >= 0")
+        require(self.mysql_pool_size >= 1, "center.mysql_pool_size", "must be >= 1")
+        require(self.shutdown_grace_s >= 0, "center.shutdown_grace_s", "must be >= 0")

@@ -1,0 +1,87 @@
+"""``pylon register``: wiring of the session store process (config → core → gRPC → discovery)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+log = logging.getLogger("services.register")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file ([pylon] and [register] sections)")
+    p.add_argument("--host", help="bind address for gRPC and metrics")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (pylon.internal.Register)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from services.common import config, logs, runtime
+    from services.register.config import RegisterConfig
+
+    try:
+        common, cfg = config.load(RegisterConfig, "register", args.config, host=args.host,
+                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("register", common.log_level)
+    return runtime.run(lambda stop: serve(common, cfg, stop))
+
+
+async def announce_until_done(discovery, inst, stop: asyncio.Event) -> bool:
+    """Announce in discovery, retrying while Redis is unreachable; False if stopped first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await discovery.announce(inst)
+            return True
+        except Exception as exc:
+            log.warning("cannot announce in discovery yet (retrying in %.1fs): %s", delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+    return False
+
+
+async def serve(common, cfg, stop: asyncio.Event) -> None:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    from services.common import metrics, rpc, runtime
+    from services.common.discovery import Discovery, Instance
+    from services.common.pb import internal_pb2_grpc
+    from services.register.grpc_adapter import RegisterServicer
+    from services.register.store import SessionStore
+
+    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections)
+    # fail within ~0.1 s when Redis is down, so callers get UNAVAILABLE before their deadline
+    redis.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    store = SessionStore(redis, max_items=cfg.max_items, drop_chunk=cfg.drop_chunk)
+    discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
+
+    metrics_server = await metrics.serve(cfg.host, cfg.metrics_port)
+    metrics_port = metrics.bound_port(metrics_server)
+    server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
+                                    [(internal_pb2_grpc.add_RegisterServicer_to_server, RegisterServicer(store))])
+    adv = common.advertise_host
+    inst = Instance(service="register", id=f"register-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
+                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+    log.info("register serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
+    try:
+        if await announce_until_done(discovery, inst, stop):
+            await stop.wait()
+    finally:
+        log.info("register stopping")
+        try:
+            await discovery.withdraw()
+        except Exception as exc:
+            log.warning("discovery withdraw failed: %s", exc)
+        await discovery.close()
+        await server.stop(cfg.shutdown_grace_s)
+        metrics_server.close()
+        await redis.aclose()

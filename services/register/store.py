@@ -1,0 +1,112 @@
+"""SessionStore: the register's core, batch operations over Redis (one pipeline per batch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from google.protobuf.message import DecodeError
+
+from services.common.pb import internal_pb2
+from services.register import keys
+from services.register import metrics as m
+from services.register.lua import UNREGISTER_IF_OWNED, Script, run_pipeline
+
+log = logging.getLogger(__name__)
+
+
+class SessionStore:
+    """Register / Unregister / Lookup / DropInstance. Validates its input (``keys.RequestError``);
+    Redis errors propagate to the adapter."""
+
+    def __init__(self, redis, *, max_items: int = 5000, drop_chunk: int = 1000) -> None:
+        self._redis = redis
+        self.max_items = max_items
+        self.drop_chunk = drop_chunk
+        self._unregister = Script(UNREGISTER_IF_OWNED)
+
+    async def register(self, sessions: Sequence[internal_pb2.Session]) -> int:
+        keys.check_sessions("Register", sessions, self.max_items)
+        if not sessions:
+            return 0
+
+        def build(pipe) -> None:
+            for s in sessions:
+                pipe.hset(keys.user_key(s.uid), s.session_id, s.SerializeToString())
+                pipe.sadd(keys.instance_key(s.instance), keys.member(s.uid, s.session_id))
+
+        await run_pipeline(self._redis, build)
+        m.REGISTERED.inc(len(sessions))
+        return len(sessions)
+
+    async def unregister(self, sessions: Sequence[internal_pb2.Session]) -> int:
+        """Remove sessions still owned by the instance named in each Session; returns how many."""
+        keys.check_sessions("Unregister", sessions, self.max_items)
+        if not sessions:
+            return 0
+        script = self._unregister
+
+        def build(pipe) -> None:
+            for s in sessions:
+                script.queue(pipe, [keys.user_key(s.uid)], [s.session_id, s.instance])
+                pipe.srem(keys.instance_key(s.instance), keys.member(s.uid, s.session_id))
+
+        results = await run_pipeline(self._redis, build, (script,))
+        removed = sum(int(r) for r in results[0::2])
+        m.UNREGISTERED.labels("unregister").inc(removed)
+        return removed
+
+    async def lookup(self, uids: Sequence[str]) -> list[internal_pb2.UserSessions]:
+        """One UserSessions per requested uid, in request order (no sessions = offline)."""
+        uids = keys.check_uids("Lookup", uids, self.max_items)
+        if not uids:
+            return []
+
+        def build(pipe) -> None:
+            for uid in uids:
+                pipe.hgetall(keys.user_key(uid))
+
+        results = await run_pipeline(self._redis, build)
+        m.LOOKUPS.inc(len(uids))
+        return [internal_pb2.UserSessions(uid=uid, sessions=self._parse(uid, fields))
+                for uid, fields in zip(uids, results, strict=True)]
+
+    @staticmethod
+    def _parse(uid: str, fields: dict) -> list[internal_pb2.Session]:
+        out = []
+        for raw in fields.values():
+            s = internal_pb2.Session()
+            try:
+                s.ParseFromString(raw)
+            except DecodeError:
+                m.CORRUPT.inc()
+                log.warning("skipping a session of uid %r that does not parse", uid)
+                continue
+            out.append(s)
+        out.sort(key=lambda s: (s.connected_ms, s.session_id))
+        return out
+
+    async def drop_instance(self, instance: str) -> int:
+        """Forget every session an instance registered (it restarted or died); returns how many
+        were removed. Sessions that have since resumed on another instance are kept."""
+        keys.check_instance(instance)
+        set_key = keys.instance_key(instance)
+        script = self._unregister
+        removed = 0
+        while True:
+            # SPOP in chunks: bounded replies, and a member popped here is never seen twice
+            members = await self._redis.spop(set_key, self.drop_chunk)
+            if not members:
+                break
+            pairs = [p for p in map(keys.split_member, members) if p is not None]
+
+            def build(pipe, pairs=pairs) -> None:
+                for uid, session_id in pairs:
+                    script.queue(pipe, [keys.user_key(uid)], [session_id, instance])
+
+            if pairs:
+                removed += sum(int(r) for r in await run_pipeline(self._redis, build, (script,)))
+            if len(members) < self.drop_chunk:
+                break
+        m.UNREGISTERED.labels("drop_instance").inc(removed)
+        return removed

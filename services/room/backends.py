@@ -1,0 +1,70 @@
+"""The room's batched calls to register, saver and coordinator.
+
+Every call a connection makes is queued in a ``Batcher`` and leaves as one RPC per few
+milliseconds (DESIGN.md §2: one RPC must carry hundreds of items). Queues are bounded;
+``Overloaded`` reaches the connection, which answers ERROR OVERLOADED with a retry-after.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from services.common.batching import Batcher
+from services.common.pb import internal_pb2 as ipb
+from services.common.pb import internal_pb2_grpc as igrpc
+from services.common.rpc import ChannelPool, ServiceClient
+from services.room.config import RoomConfig
+
+log = logging.getLogger(__name__)
+
+
+class RoomBackends:
+    def __init__(self, discovery, pool: ChannelPool, cfg: RoomConfig, deadline_s: float) -> None:
+        self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s)
+        self.saver_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s)
+        self.coordinator_client = ServiceClient(discovery, pool, "coordinator", igrpc.CoordinatorStub, deadline_s)
+        kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000)
+        self.register = Batcher("room_register", self._register, max_pending=cfg.max_pending_auth, **kw)
+        self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **kw)
+        self.load_inbox = Batcher("room_load_inbox", self._load_inbox, max_pending=cfg.max_pending_auth, **kw)
+        self.delivered = Batcher("room_delivered", self._delivered, max_pending=200_000, **kw)
+        self.ack = Batcher("room_ack", self._ack, max_pending=200_000, **kw)
+        self.upstream = Batcher("room_upstream", self._upstream, max_pending=20_000, **kw)
+        self.status = Batcher("room_status", self._status, max_pending=200_000, **kw)
+        self.inbox_limit = cfg.inbox_load_limit
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [self.register, self.load_inbox, self.delivered, self.ack, self.upstream, self.status, self.unregister]
+
+    async def _register(self, sessions: list[ipb.Session]) -> list[bool]:
+        await self.register_client.call("Register", ipb.SessionBatch(sessions=sessions))
+        return [True] * len(sessions)
+
+    async def _unregister(self, sessions: list[ipb.Session]) -> None:
+        await self.register_client.call("Unregister", ipb.SessionBatch(sessions=sessions))
+
+    async def _load_inbox(self, keys: list[ipb.InboxKey]) -> list[ipb.Inbox]:
+        reply = await self.saver_client.call("LoadInbox", ipb.LoadRequest(keys=keys, limit_per_inbox=self.inbox_limit))
+        return list(reply.inboxes)
+
+    async def _delivered(self, refs: list[ipb.MessageRef]) -> None:
+        await self.saver_client.call("MarkDelivered", ipb.MessageRefs(refs=refs))
+
+    async def _ack(self, refs: list[ipb.MessageRef]) -> None:
+        await self.saver_client.call("Ack", ipb.MessageRefs(refs=refs))
+
+    async def _upstream(self, items: list[ipb.UpstreamItem]) -> list[bool]:
+        reply = await self.coordinator_client.call("Upstream", ipb.UpstreamBatch(items=items))
+        accepted = list(reply.accepted)
+        return accepted + [False] * (len(items) - len(accepted))
+
+    async def _status(self, events: list[ipb.StatusEvent]) -> None:
+        await self.coordinator_client.call("Status", ipb.StatusBatch(events=events))
+
+    async def drop_instance(self, instance: str) -> None:
+        await self.register_client.call("DropInstance", ipb.InstanceRequest(instance=instance))
+
+    async def drain(self, timeout_s: float) -> None:
+        for b in self.batchers:
+            await b.drain(timeout_s)

@@ -1,0 +1,69 @@
+"""The [room] config section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import require
+
+
+@dataclass
+class RoomConfig:
+    listen_host: str = "127.0.0.1"
+    port: int = 7100               # client TCP port of instance 0; instance i listens on port + i
+    grpc_port: int = 7200          # internal gRPC port of instance 0; instance i uses grpc_port + i
+    metrics_port: int = 0          # 0 = pick a free port (reported in discovery)
+    instances: int = 1             # processes started by `pylon room` (one event loop each)
+    instance_index: int = 0
+    target_connections: int = 0    # when set and instances == 0: instances = ceil(target / per_instance_connections)
+    per_instance_connections: int = 18_000  # under the 20,000 open-file cap, leaving room for gRPC/Redis sockets
+    backlog: int = 8192            # listen backlog; a small one overflows in a connect storm
+    max_frame: int = 65_536        # DESIGN.md §3 default
+    handshake_timeout_s: int = 10
+    # Adaptive heartbeat (DESIGN.md §3): interval by network type, client proposals clamped to [min, max]
+    heartbeat_wifi_s: int = 360
+    heartbeat_cellular_s: int = 270
+    heartbeat_default_s: int = 300
+    heartbeat_min_s: int = 30
+    heartbeat_max_s: int = 900
+    heartbeat_grace_s: int = 15    # silent for interval * 1.5 + grace -> closed
+    write_buffer_limit: int = 256 * 1024  # per connection; a client that does not read past this is closed
+    max_unacked_per_session: int = 1000
+    max_apps_per_session: int = 16
+    max_uid_len: int = 128
+    inbox_load_limit: int = 100
+    batch_delay_ms: float = 2.0    # how long a batch waits for company before it is flushed
+    max_batch: int = 500
+    max_pending_auth: int = 20_000  # handshakes waiting on register; past it AUTH gets OVERLOADED
+    overload_retry_ms: int = 2_000
+    drain_timeout_s: float = 10.0
+    app_refresh_s: float = 5.0
+
+    def validate(self) -> None:
+        require(0 <= self.port < 65536, "room.port", "must be a TCP port")
+        require(0 <= self.grpc_port < 65536, "room.grpc_port", "must be a TCP port")
+        require(self.instances >= 0, "room.instances", "must be >= 0 (0 = from target_connections)")
+        require(1024 <= self.max_frame <= 16 * 1024 * 1024, "room.max_frame", "must be within 1 KiB..16 MiB")
+        require(1 <= self.heartbeat_min_s <= self.heartbeat_max_s, "room.heartbeat_min_s", "must be >= 1 and <= heartbeat_max_s")
+        for name in ("heartbeat_wifi_s", "heartbeat_cellular_s", "heartbeat_default_s"):
+            v = getattr(self, name)
+            require(self.heartbeat_min_s <= v <= self.heartbeat_max_s, f"room.{name}", "must be within [heartbeat_min_s, heartbeat_max_s]")
+        require(self.handshake_timeout_s >= 1, "room.handshake_timeout_s", "must be >= 1")
+        require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
+        require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
+
+    def heartbeat_for(self, net: str) -> int:
+        if net == "wifi" or net == "ethernet":
+            return self.heartbeat_wifi_s
+        if net == "cellular":
+            return self.heartbeat_cellular_s
+        return self.heartbeat_default_s
+
+    def clamp_heartbeat(self, proposed: int) -> int:
+        return max(self.heartbeat_min_s, min(self.heartbeat_max_s, proposed))
+
+    def instance_count(self) -> int:
+        if self.instances:
+            return self.instances
+        per = self.per_instance_connections
+        return max(1, -(-self.target_connections // per))

@@ -1,0 +1,33 @@
+"""gRPC Room service: thin adapter from center/coordinator calls to the RoomInstance."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.pb import internal_pb2 as ipb
+from services.common.pb import internal_pb2_grpc as igrpc
+from services.room.core import RoomInstance
+
+MAX_MESSAGES_PER_PUSH = 10_000
+MAX_KICK_ITEMS = 10_000
+
+
+class RoomServicer(igrpc.RoomServicer):
+    def __init__(self, room: RoomInstance) -> None:
+        self.room = room
+
+    async def Push(self, request: ipb.PushRequest, context) -> ipb.PushReply:
+        if len(request.messages) > MAX_MESSAGES_PER_PUSH:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_MESSAGES_PER_PUSH} messages per Push")
+        return ipb.PushReply(delivered=self.room.push(request.messages))
+
+    async def Broadcast(self, request: ipb.BroadcastRequest, context) -> ipb.PushReply:
+        if not request.message.app:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broadcast message has no app")
+        return ipb.PushReply(delivered=self.room.broadcast(request.message))
+
+    async def Kick(self, request: ipb.KickRequest, context) -> ipb.KickReply:
+        if len(request.uids) + len(request.session_ids) > MAX_KICK_ITEMS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_KICK_ITEMS} uids/sessions per Kick")
+        kicked = self.room.kick(request.uids, request.session_ids, request.reason or "kicked", request.app)
+        return ipb.KickReply(kicked=kicked)

@@ -1,0 +1,143 @@
+"""`pylon room`: one room instance, or a supervisor of K instance processes (`--instances K`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from services.common import config, logs, runtime
+
+log = logging.getLogger("room")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config")
+    p.add_argument("--host", dest="listen_host", help="address the client port binds to")
+    p.add_argument("--port", type=int, help="client TCP port (instance i listens on port + i)")
+    p.add_argument("--grpc-port", type=int, help="internal gRPC port (instance i uses grpc-port + i)")
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--instances", type=int, help="instance processes to start (0 = from --target-connections)")
+    p.add_argument("--target-connections", type=int, help="size the instance count for this many connections")
+    p.add_argument("--instance-index", type=int, help=_hidden())
+
+
+def _hidden():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def main(args) -> int:
+    from services.room.config import RoomConfig
+
+    overrides = {k: getattr(args, k, None) for k in ("listen_host", "port", "grpc_port", "metrics_port", "instances",
+                                                      "target_connections", "instance_index")}
+    try:
+        common, cfg = config.load(RoomConfig, "room", args.config, **overrides)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("room", common.log_level)
+    if args.instance_index is None and cfg.instance_count() > 1:
+        return supervise(args, cfg)
+    return runtime.run(lambda stop: serve(common, cfg, stop))
+
+
+def supervise(args, cfg) -> int:
+    """Start K instance processes (instance i: port + i, grpc_port + i) and forward signals to them."""
+    k = cfg.instance_count()
+    procs: list[subprocess.Popen] = []
+    base = [sys.executable, "-m", "services.cli", "room"]
+    if args.config:
+        base += ["--config", args.config]
+    for i in range(k):
+        cmd = base + ["--instance-index", str(i), "--instances", "1", "--port", str(cfg.port + i),
+                      "--grpc-port", str(cfg.grpc_port + i), "--host", cfg.listen_host]
+        if cfg.metrics_port:
+            cmd += ["--metrics-port", str(cfg.metrics_port + i)]
+        procs.append(subprocess.Popen(cmd))
+    log.info("started %d room instances on ports %d..%d", k, cfg.port, cfg.port + k - 1)
+
+    def forward(sig, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [p.wait() for p in procs]
+    return max(codes) if codes else 0
+
+
+async def serve(common, cfg, stop: asyncio.Event) -> None:
+    from services.common import metrics
+    from services.common.codec import Op, encode
+    from services.common.discovery import Discovery, Instance
+    from services.common.pb import client_pb2 as cpb
+    from services.common.pb import internal_pb2_grpc as igrpc
+    from services.common.rpc import ChannelPool, start_server
+    from services.room.app_cache import AppCache
+    from services.room.backends import RoomBackends
+    from services.room.connection import ClientConnection
+    from services.room.core import RoomInstance
+    from services.room.grpc_adapter import RoomServicer
+
+    host = common.advertise_host
+    instance_id = f"room-{host}:{cfg.port}"
+    redis = runtime.redis_client(common.redis_url, max_connections=8)
+    discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
+    pool = ChannelPool(common.rpc_channels_per_target)
+    backends = RoomBackends(discovery, pool, cfg, common.rpc_deadline_s)
+    apps = AppCache(redis, cfg.app_refresh_s)
+    room = RoomInstance(cfg, instance_id, apps, backends)
+
+    await apps.start()
+    await room.start()
+    try:
+        await backends.drop_instance(instance_id)  # sessions left by a previous run of this instance
+    except Exception as exc:
+        log.warning("could not clear stale sessions of %s: %s", instance_id, exc)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(ClientConnection, cfg.listen_host, cfg.port, backlog=cfg.backlog,
+                                      reuse_address=True)
+    grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
+                                     [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
+    msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
+    me = Instance(service="room", id=instance_id, host=host, port=cfg.port, grpc=f"{host}:{cfg.grpc_port}",
+                  metrics=f"{host}:{metrics.bound_port(msrv)}", region=common.region,
+                  capacity=cfg.per_instance_connections)
+    await discovery.announce(me)
+    log.info("room %s serving clients on %s:%d, gRPC %d, pid %d", instance_id, cfg.listen_host, cfg.port,
+             cfg.grpc_port, os.getpid())
+
+    async def report_load() -> None:
+        while True:
+            await asyncio.sleep(max(1.0, common.discovery_ttl_s / 3))
+            me.load = room.sessions
+
+    load_task = loop.create_task(report_load())
+    await stop.wait()
+
+    # Graceful drain: leave discovery first, stop accepting, send clients elsewhere, then close.
+    log.info("draining %d connections", len(room.connections))
+    load_task.cancel()
+    room.draining = True
+    await discovery.withdraw()
+    server.close()
+    others = [i for i in await discovery.instances("room", fresh=True) if i.id != instance_id and not i.draining]
+    addresses = [f"{i.host}:{i.port}" for i in others[:8]]
+    frame = encode(Op.COMMAND, cpb.Command(kind="RECONNECT", addresses=addresses).SerializeToString())
+    room.close_all(lambda _c: frame)
+    await backends.drain(cfg.drain_timeout_s)
+    await room.stop()
+    await grpc_server.stop(grace=1.0)
+    msrv.close()
+    await apps.close()
+    await pool.close()
+    await discovery.close()
+    await redis.aclose()
+    log.info("room %s stopped", instance_id)

@@ -1,0 +1,40 @@
+import pytest
+
+from services.common.config import CommonConfig, ConfigError, build, load
+from services.room.config import RoomConfig
+
+
+def test_defaults_file_env_and_overrides(tmp_path):
+    f = tmp_path / "pylon.toml"
+    f.write_text('[pylon]\nregion = "eu"\n[room]\nport = 9000\nheartbeat_wifi_s = 400\n')
+    common, room = load(RoomConfig, "room", str(f), env={"PYLON_ROOM_HEARTBEAT_GRACE_S": "3"}, grpc_port=9100)
+    assert common.region == "eu" and room.port == 9000 and room.heartbeat_wifi_s == 400
+    assert room.heartbeat_grace_s == 3 and room.grpc_port == 9100
+    assert room.handshake_timeout_s == RoomConfig().handshake_timeout_s
+
+
+def test_env_shortcut_for_common():
+    assert build(CommonConfig, "pylon", {}, {"PYLON_REDIS_URL": "redis://h:1/0"}).redis_url == "redis://h:1/0"
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"port": "abc"}, "room.port"),
+    ({"bogus": 1}, "unknown setting"),
+    ({"heartbeat_min_s": 500, "heartbeat_max_s": 100}, "heartbeat_min_s"),
+    ({"max_frame": 10}, "max_frame"),
+])
+def test_bad_config_is_a_clear_error(values, needle):
+    with pytest.raises(ConfigError) as err:
+        build(RoomConfig, "room", values, {})
+    assert needle in str(err.value)
+
+
+def test_heartbeat_by_network_and_clamp():
+    cfg = RoomConfig()
+    assert cfg.heartbeat_for("cellular") == 270 and cfg.heartbeat_for("wifi") == 360
+    assert cfg.clamp_heartbeat(5) == cfg.heartbeat_min_s and cfg.clamp_heartbeat(10_000) == cfg.heartbeat_max_s
+
+
+def test_instance_count_from_target():
+    assert RoomConfig(instances=0, target_connections=1_000_000).instance_count() == 56
+    assert RoomConfig(instances=0, target_connections=100_000).instance_count() == 6
