@@ -5,7 +5,16 @@ import random
 import pytest
 
 from services.common.codec import (
-    DEFAULT_MAX_FRAME, HEADER, HEADER_SIZE, ErrorCode, Frame, FrameDecoder, FrameError, Op, encode, split,
+    DEFAULT_MAX_FRAME,
+    HEADER,
+    HEADER_SIZE,
+    ErrorCode,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    Op,
+    encode,
+    split,
 )
 from services.common.pb import client_pb2 as cpb
 

@@ -1,0 +1,379 @@
+"""Hold N authenticated connections against a private Pylon system and print JSON.
+
+    .venv/bin/python bench/connections.py --connections 100000
+
+Starts its own Redis, MariaDB and all services (room instances sized for N) on free ports in a
+temp dir, then W client worker processes (each under the 20,000 open-file cap) that route every
+uid through the dispatcher, connect from loopback source addresses 127.0.0.2... (so the
+ephemeral-port range is per source address), authenticate, and keep heartbeats. Bounded in count
+and time: every phase has a deadline, and everything stops by itself.
+
+Printed JSON: connections held, connect rate, time to full, room RSS per connection, per-instance
+baseline RSS, sessions in register, CPU seconds of servers and clients per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PER_WORKER = 18_000
+SYSCTLS = {
+    "net.core.somaxconn": "65535",
+    "net.ipv4.tcp_max_syn_backlog": "65535",
+    "net.core.netdev_max_backlog": "16384",
+    "net.ipv4.ip_local_port_range": "1024 65535",
+    "net.ipv4.tcp_tw_reuse": "1",
+}
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+# ---------------------------------------------------------------------------- process facts
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
+def set_sysctls() -> dict:
+    applied = {}
+    for key, value in SYSCTLS.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            with open(path, "w") as fh:
+                fh.write(value)
+            applied[key] = value
+        except OSError as exc:
+            applied[key] = f"not set: {exc.strerror}"
+    return applied
+
+
+# ---------------------------------------------------------------------------- worker
+class BenchConn:
+    """Lean client connection: counts AUTH_OK, answers nothing, pings on the worker's schedule."""
+
+    __slots__ = ("transport", "worker", "authed")
+
+    def __init__(self, worker) -> None:
+        self.worker = worker
+        self.transport = None
+        self.authed = False
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        w = self.worker
+        # frames are small and rarely split; only op matters (byte 5 of each header)
+        pos = 0
+        while pos + 12 <= len(data):
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            op = data[pos + 5]
+            if op == 2 and not self.authed:
+                self.authed = True
+                w.on_auth_ok(self)
+            elif op == 13:
+                w.errors += 1
+            elif op == 4:
+                w.pongs += 1
+            if length < 12:
+                break
+            pos += length
+
+    def connection_lost(self, exc):
+        self.worker.on_lost(self)
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+
+class Worker:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.held = 0
+        self.errors = 0
+        self.failed = 0
+        self.pongs = 0
+        self.lost = 0
+        self.conns: list[BenchConn] = []
+        self._inflight = asyncio.Semaphore(args.inflight)
+        self._waiters: dict[BenchConn, asyncio.Future] = {}
+
+    def on_auth_ok(self, conn):
+        self.held += 1
+        fut = self._waiters.pop(conn, None)
+        if fut and not fut.done():
+            fut.set_result(True)
+
+    def on_lost(self, conn):
+        if conn.authed:
+            self.held -= 1
+            self.lost += 1
+        fut = self._waiters.pop(conn, None)
+        if fut and not fut.done():
+            fut.set_result(False)
+
+    async def run(self) -> None:
+        import aiohttp
+        import uvloop  # noqa: F401
+
+        from services.common import tokens
+        from services.common.codec import Op, encode
+        from services.common.pb import client_pb2 as cpb
+
+        a = self.args
+        loop = asyncio.get_running_loop()
+        sources = [f"127.0.{1 + i // 250}.{2 + i % 250}" for i in range(a.sources)]
+        deadline = time.monotonic() + a.connect_timeout_s
+        http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        started = time.monotonic()
+
+        async def one(i: int) -> None:
+            uid = f"bench-{a.uid_start + i}"
+            async with self._inflight:
+                if time.monotonic() > deadline:
+                    return
+                try:
+                    async with http.get(f"{a.dispatcher}/v1/route", params={"uid": uid, "count": "1"}) as r:
+                        room = (await r.json())["rooms"][0]
+                    token, _ = tokens.sign(a.secret, uid, a.app, 3600)
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.bind((sources[i % len(sources)], 0))
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (room["host"], room["port"]))
+                    _, conn = await loop.create_connection(lambda: BenchConn(self), sock=sock)
+                    fut = loop.create_future()
+                    self._waiters[conn] = fut
+                    conn.transport.write(encode(Op.AUTH, cpb.Auth(
+                        token=token, uid=uid, net="wifi", heartbeat_hint_s=a.heartbeat_s).SerializeToString(), 1))
+                    if await asyncio.wait_for(fut, 30):
+                        self.conns.append(conn)
+                    else:
+                        self.failed += 1
+                except (OSError, asyncio.TimeoutError, KeyError, IndexError, aiohttp.ClientError):
+                    self.failed += 1
+
+        async def report_loop():
+            while True:
+                print(json.dumps({"t": round(time.monotonic() - started, 2), "held": self.held,
+                                  "failed": self.failed, "errors": self.errors}), flush=True)
+                await asyncio.sleep(1)
+
+        reporter = loop.create_task(report_loop())
+        await asyncio.gather(*(one(i) for i in range(a.count)))
+        await http.close()
+        connected_at = time.monotonic()
+        print(json.dumps({"event": "connected", "t": round(connected_at - started, 2), "held": self.held,
+                          "failed": self.failed}), flush=True)
+        # hold: PING every heartbeat, spread evenly over the interval (one loop, no timer per connection)
+        ping = encode(Op.PING)
+        hold_end = connected_at + a.hold_s
+        conns = self.conns
+        slices = max(1, a.heartbeat_s * 10)
+        k = 0
+        while time.monotonic() < hold_end:
+            step = len(conns) // slices + 1
+            for c in conns[(k % slices) * step:(k % slices + 1) * step]:
+                if c.transport is not None and not c.transport.is_closing():
+                    c.transport.write(ping)
+            k += 1
+            await asyncio.sleep(0.1)
+        reporter.cancel()
+        print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
+                          "failed": self.failed, "errors": self.errors}), flush=True)
+        for c in conns:
+            if c.transport is not None:
+                c.transport.abort()
+
+
+def worker_main(args) -> int:
+    import uvloop
+
+    uvloop.run(Worker(args).run())
+    return 0
+
+
+# ---------------------------------------------------------------------------- coordinator
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--connections", type=int, default=100_000)
+    p.add_argument("--rooms", type=int, default=0, help="room instances (default: sized for --connections)")
+    p.add_argument("--hold-s", type=float, default=60, help="hold time after the last connect")
+    p.add_argument("--heartbeat-s", type=int, default=300, help="heartbeat the clients ask for")
+    p.add_argument("--inflight", type=int, default=200, help="handshakes in flight per worker")
+    p.add_argument("--connect-timeout-s", type=float, default=900)
+    p.add_argument("--sources", type=int, default=32, help="loopback source addresses")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    # worker mode (internal)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--uid-start", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--dispatcher", default="", help=argparse.SUPPRESS)
+    p.add_argument("--app", default="", help=argparse.SUPPRESS)
+    p.add_argument("--secret", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker_main(args)
+
+    from services.launcher.cluster import LocalCluster, Ports
+    from services.room.config import RoomConfig
+
+    n = args.connections
+    rooms = args.rooms or RoomConfig(instances=0, target_connections=n).instance_count()
+    sysctls = set_sysctls()
+    tmp = tempfile.mkdtemp(prefix="pylon-bench-")
+    cluster = LocalCluster(tmp, Ports.free(rooms), room_instances=rooms,
+                           env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535"})
+    result: dict = {"bench": "connections", "target": n, "rooms": rooms, "sysctls": sysctls,
+                    "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
+    workers: list[subprocess.Popen] = []
+    try:
+        cluster.start()
+        app = cluster.create_demo_app()
+        room_pids = children(cluster.services["room"].pid)
+        server_pids = room_pids + [cluster.services[s].pid for s in ("register", "saver", "coordinator", "center",
+                                                                        "dispatcher")]
+        server_pids += [s.proc.pid for s in cluster.stores]
+        time.sleep(2)
+        base_rss = {pid: rss_kib(pid) for pid in room_pids}
+        result["room_baseline_rss_kib_per_instance"] = round(sum(base_rss.values()) / max(1, len(base_rss)))
+        cpu0 = {pid: cpu_s(pid) for pid in server_pids}
+        n_workers = -(-n // PER_WORKER)
+        per = -(-n // n_workers)
+        t0 = time.monotonic()
+        for w in range(n_workers):
+            count = min(per, n - w * per)
+            workers.append(subprocess.Popen(
+                [sys.executable, __file__, "--worker", "--uid-start", str(w * per), "--count", str(count),
+                 "--dispatcher", cluster.dispatcher_url, "--app", app["id"], "--secret", app["secret"],
+                 "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
+                 "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
+                 "--sources", str(args.sources)],
+                stdout=subprocess.PIPE, text=True, cwd=ROOT))
+        last: dict[int, dict] = {}
+        connected: dict[int, dict] = {}
+        done: dict[int, dict] = {}
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        for i, wp in enumerate(workers):
+            sel.register(wp.stdout, selectors.EVENT_READ, i)
+        full_at = None
+        hard_deadline = t0 + args.connect_timeout_s + args.hold_s + 120
+        cpu_full = None
+        while len(done) < len(workers) and time.monotonic() < hard_deadline:
+            for key, _ in sel.select(timeout=1):
+                line = key.fileobj.readline()
+                if not line:
+                    sel.unregister(key.fileobj)
+                    done.setdefault(key.data, {"event": "exited"})
+                    continue
+                msg = json.loads(line)
+                i = key.data
+                if msg.get("event") == "connected":
+                    connected[i] = msg
+                elif msg.get("event") == "done":
+                    done[i] = msg
+                else:
+                    last[i] = msg
+            if full_at is None and len(connected) == len(workers):
+                full_at = time.monotonic()
+                cpu_full = ({pid: cpu_s(pid) for pid in server_pids}, sum(cpu_s(w.pid) for w in workers))
+                held = sum(c["held"] for c in connected.values())
+                result["held_at_full"] = held
+                result["time_to_full_s"] = round(full_at - t0, 2)
+                result["connect_rate_per_s"] = round(held / (full_at - t0))
+                result["server_cpu_s_connect"] = round(sum(cpu_full[0].values()) - sum(cpu0.values()), 1)
+                result["client_cpu_s_connect"] = round(cpu_full[1], 1)
+                # memory after a short settle: per-connection RSS of the room processes
+                time.sleep(min(10, args.hold_s / 2))
+                rss = {pid: rss_kib(pid) for pid in room_pids}
+                result["room_rss_kib_total"] = sum(rss.values())
+                result["room_rss_bytes_per_connection"] = round(
+                    (sum(rss.values()) - sum(base_rss.values())) * 1024 / max(1, held))
+                result["sessions_in_register"] = _count_sessions(cluster)
+                with open("/proc/meminfo") as fh:
+                    result["meminfo_kib"] = {ln.split(":")[0]: int(ln.split()[1]) for ln in fh
+                                             if ln.split(":")[0] in ("MemTotal", "MemAvailable", "Slab")}
+                cpu_hold0 = ({pid: cpu_s(pid) for pid in server_pids}, sum(cpu_s(w.pid) for w in workers),
+                             time.monotonic())
+                result["_cpu_hold0"] = cpu_hold0
+        if "_cpu_hold0" in result:
+            c0, cl0, t_h = result.pop("_cpu_hold0")
+            # workers exit right after "done": their CPU is read from the last sample we could take
+            elapsed = time.monotonic() - t_h
+            result["hold_s_measured"] = round(elapsed, 1)
+            result["server_cpu_pct_hold"] = round(
+                100 * (sum(cpu_s(pid) for pid in server_pids) - sum(c0.values())) / max(1e-9, elapsed), 1)
+        result["held_at_end"] = sum(d.get("held", 0) for d in done.values())
+        result["pongs_during_hold"] = sum(d.get("pongs", 0) for d in done.values())
+        result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
+        result["server_errors"] = sum(d.get("errors", 0) for d in done.values())
+        result["workers"] = len(workers)
+    finally:
+        for wp in workers:
+            if wp.poll() is None:
+                wp.kill()
+            wp.wait()
+        cluster.stop()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            result["tmp"] = tmp
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _count_sessions(cluster) -> int:
+    import redis
+
+    r = redis.Redis(host=cluster.host, port=cluster.ports.redis)
+    total = 0
+    for key in r.scan_iter(match="pylon:r:*", count=1000):
+        total += r.scard(key)
+    return total
+
+
+if __name__ == "__main__":
+    sys.exit(main())
