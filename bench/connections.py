@@ -269,7 +269,7 @@ def main() -> int:
     try:
         cluster.start()
         app = cluster.create_demo_app()
-        room_pids = children(cluster.services["room"].pid)
+        room_pids = children(cluster.services["room"].pid) or [cluster.services["room"].pid]
         server_pids = room_pids + [cluster.services[s].pid for s in ("register", "saver", "coordinator", "center",
                                                                         "dispatcher")]
         server_pids += [s.proc.pid for s in cluster.stores]

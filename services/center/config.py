@@ -26,17 +26,23 @@ class CenterConfig:
     max_uids_per_push: int = 1000
     max_payload_bytes: int = 60 * 1024
     max_uid_len: int = 128
-    default_ttl_s: int = 24 * 3600
+    default_ttl_s: int = 7 * 24 * 3600
     max_ttl_s: int = 30 * 24 * 3600
     token_ttl_s: int = 7 * 24 * 3600
     max_token_ttl_s: int = 90 * 24 * 3600
     # a Saver.Store / Room.Push call carries at most this many payload bytes (gRPC limit is 64 MiB)
     rpc_batch_bytes: int = 8 * 1024 * 1024
+    # ... and at most this many messages (saver refuses more than saver.max_items = 5000 per call)
+    rpc_batch_items: int = 1000
+    # message bytes (payload x uids) this process holds across concurrent pushes; beyond it 503 + Retry-After
+    max_in_flight_bytes: int = 256 * 1024 * 1024
     # deadline of one Room.Push / Room.Broadcast; a slow room must not hold up the caller
     room_deadline_s: float = 2.0
     # app lookups by API key / id are cached this long (other centers see app edits after it)
     app_cache_ttl_s: float = 10.0
     app_cache_miss_ttl_s: float = 2.0
+    # every center copies all apps from MySQL to Redis this often: heals a lost or flushed Redis
+    app_republish_s: float = 60.0
     mysql_pool_size: int = 4
     shutdown_grace_s: float = 5.0
 
@@ -55,7 +61,11 @@ class CenterConfig:
         require(self.rpc_batch_bytes >= self.max_payload_bytes * 2, "center.rpc_batch_bytes",
                 "must hold at least two payloads")
         require(self.rpc_batch_bytes <= 32 * 1024 * 1024, "center.rpc_batch_bytes", "must be <= 32 MiB")
+        require(1 <= self.rpc_batch_items <= 5000, "center.rpc_batch_items", "must be 1 .. 5000")
+        require(self.max_in_flight_bytes >= self.max_payload_bytes, "center.max_in_flight_bytes",
+                "must be >= max_payload_bytes")
         require(self.room_deadline_s > 0, "center.room_deadline_s", "must be > 0")
         require(self.app_cache_ttl_s >= 0 and self.app_cache_miss_ttl_s >= 0, "center.app_cache_ttl_s", "must be >= 0")
+        require(self.app_republish_s >= 1, "center.app_republish_s", "must be >= 1")
         require(self.mysql_pool_size >= 1, "center.mysql_pool_size", "must be >= 1")
         require(self.shutdown_grace_s >= 0, "center.shutdown_grace_s", "must be >= 0")

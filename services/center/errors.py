@@ -9,6 +9,7 @@ from __future__ import annotations
 
 class CenterError(Exception):
     code = "error"
+    retry_after_s: float | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -54,3 +55,13 @@ class RateLimited(CenterError):
 
 class BackendUnavailable(CenterError):
     code = "backend_unavailable"
+
+
+class Overloaded(BackendUnavailable):
+    """This center holds as much in-flight push data as it may; the caller should retry shortly."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

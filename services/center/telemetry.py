@@ -18,6 +18,7 @@ DELIVERED = Counter("pylon_center_delivered_total", "Messages rooms reported as 
 RATE_LIMITED = Counter("pylon_center_rate_limited_total", "Push calls refused by a per-app rate limit")
 ROOM_FAILURES = Counter("pylon_center_room_failures_total", "Room calls that failed (message stays stored)",
                         ["method"])
+OVERLOADED = Counter("pylon_center_overloaded_total", "Push calls refused because too many bytes were in flight")
 LOOKUP_FAILURES = Counter("pylon_center_lookup_failures_total",
                           "Register lookups that failed during a push (message stays stored)")
 
@@ -34,6 +35,7 @@ class Tally:
     delivered: int = 0
     broadcasts: int = 0
     rate_limited: int = 0
+    overloaded: int = 0
     room_failures: int = 0
     lookup_failures: int = 0
 

@@ -31,7 +31,7 @@ class Limits:
     max_uids: int = 1000
     max_payload_bytes: int = 60 * 1024
     max_uid_len: int = 128
-    default_ttl_s: int = 24 * 3600
+    default_ttl_s: int = 7 * 24 * 3600
     max_ttl_s: int = 30 * 24 * 3600
     token_ttl_s: int = 7 * 24 * 3600
     max_token_ttl_s: int = 90 * 24 * 3600

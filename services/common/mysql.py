@@ -28,6 +28,7 @@ async def connect_pool(cfg: CommonConfig, minsize: int = 1, maxsize: int = 4, cr
         conn = await aiomysql.connect(**kwargs)
         try:
             async with conn.cursor() as cur:
+                await cur.execute("SET sql_notes = 0")  # "already exists" notes are expected, not warnings
                 await cur.execute(f"CREATE DATABASE IF NOT EXISTS `{cfg.mysql_database}` CHARACTER SET utf8mb4")
         finally:
             conn.close()
@@ -37,6 +38,7 @@ async def connect_pool(cfg: CommonConfig, minsize: int = 1, maxsize: int = 4, cr
 async def migrate(pool: aiomysql.Pool) -> list[str]:
     applied_now = []
     async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SET sql_notes = 0")
         await cur.execute("SELECT GET_LOCK('pylon_migrations', 30)")
         try:
             await cur.execute(
@@ -56,6 +58,7 @@ async def migrate(pool: aiomysql.Pool) -> list[str]:
                 log.info("applied migration %s", path.name)
         finally:
             await cur.execute("SELECT RELEASE_LOCK('pylon_migrations')")
+            await cur.execute("SET sql_notes = 1")
     return applied_now
 
 

@@ -1,0 +1,178 @@
+"""The center's HTTP adapter: routes → validate → core call → JSON. No business logic here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.center import validation
+from services.center.app_registry import AppRegistry, app_view
+from services.center.auth import Authenticator, Principal
+from services.center.http_errors import json_response, make_middleware
+from services.center.messages import MessageQuery, state_view
+from services.center.push import PushService
+from services.center.stats import StatsCollector
+from services.center.telemetry import Tally
+from services.center.users import UserService
+from services.center.validation import Limits
+from services.common import tokens
+
+
+@dataclass
+class CenterParts:
+    """The core objects the routes call into (built by main)."""
+
+    auth: Authenticator
+    registry: AppRegistry
+    push: PushService
+    users: UserService
+    messages: MessageQuery
+    stats: StatsCollector
+    tally: Tally
+    limits: Limits
+    openapi: bytes = b"{}"
+    dashboard: bytes = b""
+
+
+class CenterApi:
+    def __init__(self, parts: CenterParts) -> None:
+        self.p = parts
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/healthz", self.healthz),
+            web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
+            web.get("/dashboard", self.dashboard),
+            web.post("/v1/tokens", self.mint_token),
+            web.post("/v1/push", self.push),
+            web.post("/v1/broadcast", self.broadcast),
+            web.get("/v1/messages/{id}", self.message_state),
+            web.get("/v1/users/{uid}", self.presence),
+            web.post("/v1/users/{uid}/kick", self.kick),
+            web.get("/v1/stats", self.stats),
+            web.post("/v1/apps", self.create_app),
+            web.get("/v1/apps", self.list_apps),
+            web.get("/v1/apps/{id}", self.get_app),
+            web.patch("/v1/apps/{id}", self.update_app),
+            web.post("/v1/apps/{id}/rotate-key", self.rotate_key),
+        ]
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _body(self, request: web.Request, allow_empty: bool = False) -> dict:
+        return validation.parse_json(await request.read(), allow_empty)
+
+    async def _principal(self, request: web.Request) -> Principal:
+        return await self.p.auth.authenticate(request.headers.get("Authorization"))
+
+    async def _admin(self, request: web.Request) -> Principal:
+        return await self.p.auth.authenticate_admin(request.headers.get("Authorization"))
+
+    @staticmethod
+    def _query_app(request: web.Request) -> str | None:
+        return validation.app_field({"app": request.query.get("app")})
+
+    # ------------------------------------------------------------ ops
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.p.openapi, content_type="application/json")
+
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.p.dashboard, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        await self._principal(request)
+        return json_response(await self.p.stats.snapshot())
+
+    # ------------------------------------------------------------ app servers
+
+    async def mint_token(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        body = validation.token_body(await self._body(request), self.p.limits)
+        app = await self.p.auth.target_app(principal, body.app)
+        token, expires_at = tokens.sign(app.secret, body.uid, app.id, body.ttl_s, device_id=body.device_id)
+        return json_response({"token": token, "expires_at": expires_at})
+
+    async def push(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        body = validation.push_body(await self._body(request), self.p.limits)
+        app = await self.p.auth.target_app(principal, body.app)
+        result = await self.p.push.push(app, body.uids, body.payload, body.ttl_s)
+        return json_response({"msg_ids": [str(i) for i in result.msg_ids], "online": result.online,
+                              "delivered": result.delivered})
+
+    async def broadcast(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        body = validation.broadcast_body(await self._body(request), self.p.limits)
+        app = await self.p.auth.target_app(principal, body.app)
+        result = await self.p.push.broadcast(app, body.payload, body.ttl_s)
+        return json_response({"broadcast_id": str(result.broadcast_id), "rooms": result.rooms,
+                              "delivered": result.delivered, "failed": result.failed})
+
+    async def message_state(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        msg_id = validation.parse_msg_id(request.match_info["id"])
+        app_id = self.p.auth.app_filter(principal, self._query_app(request))
+        return json_response(state_view(await self.p.messages.state(msg_id, app_id)))
+
+    async def presence(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        uid = validation.check_uid(request.match_info["uid"], self.p.limits)
+        app_id = self.p.auth.app_filter(principal, self._query_app(request))
+        return json_response((await self.p.users.presence(uid, app_id)).to_dict())
+
+    async def kick(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        uid = validation.check_uid(request.match_info["uid"], self.p.limits)
+        body = validation.kick_body(await self._body(request, allow_empty=True))
+        app_id = self.p.auth.app_filter(principal, body.app)
+        if app_id is not None and principal.admin:
+            await self.p.auth.target_app(principal, app_id)  # 404 for an unknown app
+        return json_response({"kicked": await self.p.users.kick(uid, app_id, body.reason)})
+
+    # ------------------------------------------------------------ admin
+
+    async def create_app(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        body = validation.new_app_body(await self._body(request))
+        created = await self.p.registry.create(body.id, webhook_url=body.webhook_url, status_events=body.status_events,
+                                               push_rate_per_s=body.push_rate_per_s)
+        return json_response(created.to_dict(), status=201)
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        return json_response({"apps": [s.to_dict() for s in await self.p.registry.list()]})
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        app = await self.p.registry.get(validation.check_app_id(request.match_info["id"]))
+        return json_response(app_view(app))
+
+    async def update_app(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        app_id = validation.check_app_id(request.match_info["id"])
+        changes = validation.app_changes_body(await self._body(request))
+        app = await self.p.registry.update(app_id, webhook_url=changes.webhook_url, status_events=changes.status_events,
+                                           push_rate_per_s=changes.push_rate_per_s)
+        return json_response(app_view(app))
+
+    async def rotate_key(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        created = await self.p.registry.rotate_key(validation.check_app_id(request.match_info["id"]))
+        return json_response(created.to_dict())
+
+
+def make_app(parts: CenterParts, max_body_bytes: int = 1024 * 1024) -> web.Application:
+    app = web.Application(middlewares=[make_middleware(parts.tally)], client_max_size=max_body_bytes)
+    app.add_routes(CenterApi(parts).routes())
+    return app

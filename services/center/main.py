@@ -1,0 +1,139 @@
+"""``pylon center``: wiring only (config → core → HTTP adapter → discovery → wait → shut down)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import sys
+import warnings
+
+import pymysql
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from services.center import app_registry
+from services.center.app_registry import AppRegistry
+from services.center.auth import Authenticator
+from services.center.config import CenterConfig
+from services.center.errors import BackendUnavailable
+from services.center.http_api import CenterParts, make_app
+from services.center.messages import MessageQuery
+from services.center.push import PushService
+from services.center.ratelimit import RateLimiter
+from services.center.stats import StatsCollector
+from services.center.telemetry import Tally
+from services.center.users import UserService
+from services.center.validation import Limits
+from services.common import config, ids, logs, metrics, mysql, runtime
+from services.common.config import CommonConfig, ConfigError
+from services.common.discovery import Discovery, Instance
+from services.common.pb import internal_pb2_grpc as rpc_pb
+from services.common.rpc import ChannelPool, ServiceClient
+
+log = logging.getLogger("services.center")
+HERE = pathlib.Path(__file__).parent
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="TOML config file ([pylon] and [center] sections)")
+    p.add_argument("--host", help="HTTP bind address")
+    p.add_argument("--port", type=int, help="HTTP port (0 = any free port)")
+    p.add_argument("--metrics-port", type=int, help="extra /metrics listener (0 = only on the HTTP port)")
+    p.add_argument("--admin-key", help="Bearer key for admin routes")
+
+
+def main(args) -> int:
+    try:
+        common, cfg = config.load(CenterConfig, "center", args.config, host=args.host, port=args.port,
+                                  metrics_port=args.metrics_port, admin_key=args.admin_key)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("center", common.log_level)
+    # MySQL notes from the idempotent migration ("database exists", "table already exists") are not news
+    warnings.filterwarnings("ignore", message=r".*(database exists|already exists)")
+    return runtime.run(lambda stop: serve(common, cfg, stop))
+
+
+async def _republish_loop(registry: AppRegistry, every_s: float) -> None:
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await registry.publish_all()
+        except (BackendUnavailable, RedisError) as exc:
+            log.warning("periodic app republish failed: %s", exc)
+
+
+async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event) -> None:
+    rdb = runtime.redis_client(common.redis_url)
+    pool = None
+    try:
+        pool = await mysql.connect_pool(common, maxsize=cfg.mysql_pool_size)
+        await mysql.migrate(pool)
+        published = await app_registry.publish_all(pool, rdb)
+        node = await ids.lease_node_id(rdb, "center")
+    except (pymysql.err.MySQLError, RedisError, BackendUnavailable) as exc:
+        await rdb.aclose()
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()
+        # runtime.run reports OSError as "cannot start: ..." with exit code 1
+        raise OSError(f"backing store unreachable: {exc}") from exc
+    log.info("apps published to Redis: %d; id node %d", published, node)
+
+    discovery = Discovery(rdb, common.discovery_ttl_s, common.discovery_refresh_s)
+    channels = ChannelPool(common.rpc_channels_per_target)
+    deadline = common.rpc_deadline_s
+    saver = ServiceClient(discovery, channels, "saver", rpc_pb.SaverStub, deadline)
+    register = ServiceClient(discovery, channels, "register", rpc_pb.RegisterStub, deadline)
+    rooms = ServiceClient(discovery, channels, "room", rpc_pb.RoomStub, cfg.room_deadline_s)
+    coordinator = ServiceClient(discovery, channels, "coordinator", rpc_pb.CoordinatorStub, deadline)
+    tally = Tally()
+    registry = AppRegistry(pool, rdb, cfg.app_cache_ttl_s, cfg.app_cache_miss_ttl_s)
+    push = PushService(ids=ids.IdGenerator(node), saver=saver, register=register, rooms=rooms, limiter=RateLimiter(),
+                       tally=tally, room_deadline_s=cfg.room_deadline_s, rpc_batch_bytes=cfg.rpc_batch_bytes,
+                       rpc_batch_items=cfg.rpc_batch_items, max_in_flight_bytes=cfg.max_in_flight_bytes)
+    stats = StatsCollector(discovery, tally)
+    parts = CenterParts(auth=Authenticator(registry, cfg.admin_key), registry=registry, push=push,
+                        users=UserService(register, coordinator), messages=MessageQuery(saver), stats=stats,
+                        tally=tally, limits=Limits.from_config(cfg),
+                        openapi=(HERE / "openapi.json").read_bytes(), dashboard=(HERE / "dashboard.html").read_bytes())
+    if not cfg.admin_key:
+        log.warning("no admin key configured: admin routes (/v1/apps) are disabled")
+
+    runner = web.AppRunner(make_app(parts, cfg.max_body_bytes), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    port = runner.addresses[0][1]
+    metrics_server = await metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+    metrics_addr = f"{common.advertise_host}:{metrics.bound_port(metrics_server) if metrics_server else port}"
+    me = Instance(service="center", id=f"center-{common.advertise_host}:{port}", host=common.advertise_host, port=port,
+                  metrics=metrics_addr, region=common.region)
+    stats.center_id = me.id
+    await discovery.announce(me)
+    republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s))
+    log.info("center listening on %s:%d (id %s)", cfg.host, port, me.id)
+
+    try:
+        await stop.wait()
+    finally:
+        log.info("center stopping")
+        republisher.cancel()
+        try:
+            await discovery.withdraw()
+        except RedisError as exc:
+            log.warning("could not withdraw from discovery (peers drop us after the TTL): %s", exc)
+        await discovery.close()
+        await runner.cleanup()
+        if metrics_server is not None:
+            metrics_server.close()
+        await channels.close()
+        pool.close()
+        await pool.wait_closed()
+        await rdb.aclose()

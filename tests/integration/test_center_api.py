@@ -1,0 +1,445 @@
+"""Center HTTP API against real processes: register, saver, coordinator and center on the test Redis/MariaDB.
+
+Runs on its own Redis database and MySQL schema so that other modules' processes and data
+cannot leak into the answers (presence, stats, discovery).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import json
+import sys
+import time
+import uuid
+
+import aiohttp
+import grpc
+import pytest
+
+from services.common import runtime, tokens
+from services.common.discovery import Discovery, Instance
+from services.common.pb import internal_pb2 as pb
+from services.common.pb import internal_pb2_grpc as pbg
+from services.launcher import backing, procs
+
+ADMIN_KEY = "test-admin-key-" + uuid.uuid4().hex[:8]
+REDIS_DB = 3
+
+
+def uid() -> str:
+    return "cu-" + uuid.uuid4().hex[:12]
+
+
+@dataclasses.dataclass
+class Center:
+    url: str
+    common: object
+    register_port: int
+    procs: dict
+
+
+@pytest.fixture(scope="module")
+def center(backing_stores):
+    cfg, tmp = backing_stores
+    common = dataclasses.replace(cfg, redis_url=cfg.redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}",
+                                 mysql_database="pylon_center_it")
+    env = procs.common_env(common, {"PYLON_CENTER_ADMIN_KEY": ADMIN_KEY})
+    logs = f"{tmp}/center-it"
+    h = "127.0.0.1"
+    ports = {name: backing.free_port() for name in ("register", "saver", "coordinator", "center")}
+    started: dict[str, procs.ServiceProcess] = {}
+    try:
+        for name in ("register", "saver", "coordinator"):
+            started[name] = procs.start(f"{name}-cit", [name, "--host", h, "--grpc-port", str(ports[name]),
+                                                        "--metrics-port", "0"], env, logs, wait_for=[(h, ports[name])])
+        started["center"] = procs.start("center-cit", ["center", "--host", h, "--port", str(ports["center"])], env,
+                                        logs, wait_for=[(h, ports["center"])])
+        yield Center(f"http://{h}:{ports['center']}", common, ports["register"], started)
+    finally:
+        codes = {name: started[name].stop() for name in ("center", "coordinator", "saver", "register") if name in started}
+    log = started["center"].log_text() if "center" in started else ""
+    assert codes.get("center") == 0 and "Traceback" not in log, log[-4000:]
+
+
+async def call(center: Center, method: str, path: str, body=None, key: str | None = None, raw: bytes | None = None,
+               headers: dict | None = None):
+    hdrs = dict(headers or {})
+    if key is not None:
+        hdrs["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, center.url + path, data=data, headers=hdrs) as r:
+            text = await r.read()
+            ctype = r.headers.get("Content-Type", "")
+            parsed = json.loads(text) if ctype.startswith("application/json") else text
+            return r.status, parsed, r.headers
+
+
+def assert_error(status, body, want_status, want_code=None):
+    assert status == want_status, body
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"]
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if want_code:
+        assert body["error"]["code"] == want_code, body
+
+
+async def new_app(center: Center, **fields) -> dict:
+    status, body, _ = await call(center, "POST", "/v1/apps", {"id": "cit-" + uuid.uuid4().hex[:8], **fields},
+                                 key=ADMIN_KEY)
+    assert status == 201, body
+    return body
+
+
+@pytest.fixture(scope="module")
+async def app(center):
+    return await new_app(center)
+
+
+@pytest.fixture(scope="module")
+async def redis(center):
+    client = runtime.redis_client(center.common.redis_url)
+    yield client
+    await client.aclose()
+
+
+# ---------------------------------------------------------------- apps (admin)
+
+
+async def test_admin_creates_app_once(center):
+    app_id = "cit-admin-" + uuid.uuid4().hex[:6]
+    status, body, _ = await call(center, "POST", "/v1/apps", {"id": app_id, "webhook_url": "http://127.0.0.1:9/h",
+                                                              "status_events": True}, key=ADMIN_KEY)
+    assert status == 201, body
+    assert body["id"] == app_id and body["secret"] and body["api_key"].startswith("pk_")
+    assert body["webhook_url"] == "http://127.0.0.1:9/h" and body["status_events"] is True
+    status, err, _ = await call(center, "POST", "/v1/apps", {"id": app_id}, key=ADMIN_KEY)
+    assert_error(status, err, 409, "app_exists")
+    # listed without the API key; published to Redis for rooms and coordinators
+    status, listing, _ = await call(center, "GET", "/v1/apps", key=ADMIN_KEY)
+    assert status == 200
+    (mine,) = [a for a in listing["apps"] if a["id"] == app_id]
+    assert "api_key" not in mine and mine["secret"] == body["secret"]
+    client = runtime.redis_client(center.common.redis_url)
+    try:
+        published = json.loads(await client.hget("pylon:apps", app_id))
+    finally:
+        await client.aclose()
+    assert published["secret"] == body["secret"] and published["status_events"] is True
+
+
+async def test_admin_routes_reject_wrong_keys(center, app):
+    status, body, _ = await call(center, "POST", "/v1/apps", {"id": "cit-nope"}, key="wrong-admin-key")
+    assert_error(status, body, 401, "invalid_api_key")
+    status, body, _ = await call(center, "POST", "/v1/apps", {"id": "cit-nope"})
+    assert_error(status, body, 401, "missing_api_key")
+    status, body, _ = await call(center, "GET", "/v1/apps", key=app["api_key"])
+    assert_error(status, body, 403, "admin_required")
+    status, body, _ = await call(center, "POST", "/v1/apps", {"id": "Not Valid"}, key=ADMIN_KEY)
+    assert_error(status, body, 400, "bad_app_id")
+
+
+async def test_update_and_rotate_key(center):
+    created = await new_app(center)
+    status, body, _ = await call(center, "PATCH", f"/v1/apps/{created['id']}", {"push_rate_per_s": 7}, key=ADMIN_KEY)
+    assert status == 200 and body["push_rate_per_s"] == 7
+    status, body, _ = await call(center, "GET", f"/v1/apps/{created['id']}", key=ADMIN_KEY)
+    assert status == 200 and body["push_rate_per_s"] == 7
+    status, rotated, _ = await call(center, "POST", f"/v1/apps/{created['id']}/rotate-key", key=ADMIN_KEY)
+    assert status == 200 and rotated["api_key"] != created["api_key"]
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "u"}, key=rotated["api_key"])
+    assert status == 200, body
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "u"}, key=created["api_key"])
+    assert_error(status, body, 401, "invalid_api_key")
+    status, body, _ = await call(center, "GET", "/v1/apps/cit-missing-app", key=ADMIN_KEY)
+    assert_error(status, body, 404, "unknown_app")
+
+
+# ---------------------------------------------------------------- tokens and auth
+
+
+async def test_token_minting(center, app):
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "alice", "device_id": "dev-1", "ttl_s": 600},
+                                 key=app["api_key"])
+    assert status == 200, body
+    claims = tokens.verify(body["token"], app["secret"])
+    assert claims["sub"] == "alice" and claims["dev"] == "dev-1" and claims["app"] == app["id"]
+    assert claims["exp"] == body["expires_at"] and abs(body["expires_at"] - (time.time() + 600)) < 5
+    # the admin mints for any app it names
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "bob", "app": app["id"]}, key=ADMIN_KEY)
+    assert status == 200 and tokens.verify(body["token"], app["secret"])["app"] == app["id"]
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "bob"}, key=ADMIN_KEY)
+    assert_error(status, body, 400, "missing_app")
+
+
+async def test_wrong_api_key_is_401_json(center, app):
+    for key in ("pk_wrong", "x" * 500, None):
+        status, body, _ = await call(center, "POST", "/v1/push", {"uids": ["u"], "payload": "p"}, key=key)
+        assert_error(status, body, 401)
+    status, body, _ = await call(center, "POST", "/v1/push", {"uids": ["u"], "payload": "p"},
+                                 headers={"Authorization": "Basic dXNlcjpwYXNz"})
+    assert_error(status, body, 401, "missing_api_key")
+
+
+async def test_key_of_one_app_cannot_act_for_another(center, app):
+    other = await new_app(center)
+    status, body, _ = await call(center, "POST", "/v1/push", {"app": other["id"], "uids": ["u"], "payload": "p"},
+                                 key=app["api_key"])
+    assert_error(status, body, 403, "app_forbidden")
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("raw, code", [
+    (b"{not json", "malformed_json"),
+    (b"", "empty_body"),
+    (b"[1,2,3]", "malformed_json"),
+    (b"\xff\xfe", "malformed_json"),
+    (b"[" * 50_000, "malformed_json"),
+])
+async def test_malformed_json_is_400_json(center, app, raw, code):
+    status, body, _ = await call(center, "POST", "/v1/push", raw=raw, key=app["api_key"])
+    assert_error(status, body, 400, code)
+
+
+@pytest.mark.parametrize("body, status_code, code", [
+    ({"uids": "not-a-list", "payload": "p"}, 400, "bad_uids"),
+    ({"uids": [], "payload": "p"}, 400, "bad_uids"),
+    ({"uids": [["nested"]], "payload": "p"}, 400, "bad_uid"),
+    ({"uids": ["u" * 129], "payload": "p"}, 400, "bad_uid"),
+    ({"uids": [f"u{i}" for i in range(1001)], "payload": "p"}, 400, "too_many_uids"),
+    ({"uids": ["u"]}, 400, "missing_payload"),
+    ({"uids": ["u"], "payload_b64": "%%%"}, 400, "bad_payload_b64"),
+    ({"uids": ["u"], "payload": "p", "ttl_s": -5}, 400, "bad_ttl_s"),
+    ({"uids": ["u"], "payload": "p", "ttl_s": 10**9}, 400, "bad_ttl_s"),
+    ({"uids": ["u"], "payload": "x" * (60 * 1024 + 1)}, 413, "payload_too_large"),
+    ({"uids": ["u"], "payload_b64": base64.b64encode(b"\x00" * (60 * 1024 + 1)).decode()}, 413, "payload_too_large"),
+])
+async def test_bad_push_bodies(center, app, body, status_code, code):
+    status, reply, _ = await call(center, "POST", "/v1/push", body, key=app["api_key"])
+    assert_error(status, reply, status_code, code)
+
+
+async def test_payload_at_the_limit_and_body_over_the_limit(center, app):
+    status, body, _ = await call(center, "POST", "/v1/push", {"uids": [uid()], "payload": "x" * (60 * 1024)},
+                                 key=app["api_key"])
+    assert status == 200, body
+    status, body, _ = await call(center, "POST", "/v1/push", raw=b'{"pad": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+                                 key=app["api_key"])
+    assert_error(status, body, 413, "body_too_large")
+
+
+async def test_unknown_route_and_wrong_method_are_json(center, app):
+    status, body, _ = await call(center, "GET", "/v1/nothing-here", key=app["api_key"])
+    assert_error(status, body, 404, "not_found")
+    status, body, _ = await call(center, "GET", "/v1/push", key=app["api_key"])
+    assert_error(status, body, 405, "method_not_allowed")
+
+
+# ---------------------------------------------------------------- push and message state
+
+
+async def test_push_to_offline_user_is_stored(center, app):
+    user = uid()
+    status, body, _ = await call(center, "POST", "/v1/push", {"uids": [user], "payload": "hello", "ttl_s": 300},
+                                 key=app["api_key"])
+    assert status == 200, body
+    (msg_id,) = body["msg_ids"]
+    assert isinstance(msg_id, str) and msg_id.isdigit() and int(msg_id) > 2**53
+    assert body["online"] == 0 and body["delivered"] == 0
+    status, state, _ = await call(center, "GET", f"/v1/messages/{msg_id}", key=app["api_key"])
+    assert status == 200, state
+    assert state["msg_id"] == msg_id and state["state"] == "stored" and state["uid"] == user
+    assert state["app"] == app["id"] and state["attempts"] == 0 and state["acked_ms"] == 0 and state["seq"] >= 1
+    assert state["expires_ms"] - state["created_ms"] == 300_000
+    # the admin sees it too; another app does not
+    status, _, _ = await call(center, "GET", f"/v1/messages/{msg_id}", key=ADMIN_KEY)
+    assert status == 200
+    other = await new_app(center)
+    status, err, _ = await call(center, "GET", f"/v1/messages/{msg_id}", key=other["api_key"])
+    assert_error(status, err, 404, "unknown_message")
+
+
+async def test_multicast_ids_in_order_and_sequences_per_user(center, app):
+    users = [uid() for _ in range(5)]
+    status, body, _ = await call(center, "POST", "/v1/push",
+                                 {"app": app["id"], "uids": users + [users[0]], "payload_b64": "AAEC"},
+                                 key=app["api_key"])
+    assert status == 200, body
+    ids = body["msg_ids"]
+    assert len(ids) == 6 and len(set(ids)) == 6 and [int(i) for i in ids] == sorted(int(i) for i in ids)
+    states = [(await call(center, "GET", f"/v1/messages/{i}", key=app["api_key"]))[1] for i in ids]
+    assert [s["uid"] for s in states] == users + [users[0]]
+    assert states[5]["seq"] == states[0]["seq"] + 1
+
+
+async def test_unknown_and_malformed_message_ids(center, app):
+    status, body, _ = await call(center, "GET", "/v1/messages/123456789", key=app["api_key"])
+    assert_error(status, body, 404, "unknown_message")
+    for bad in ("abc", "-1", "0", "99999999999999999999999"):
+        status, body, _ = await call(center, "GET", f"/v1/messages/{bad}", key=app["api_key"])
+        assert_error(status, body, 400, "bad_msg_id")
+
+
+async def test_push_to_online_user_whose_room_is_unreachable_still_stores(center, app, redis):
+    """Register says the user is on a room instance that does not answer: the message waits in the inbox."""
+    user = uid()
+    discovery = Discovery(redis, ttl_s=30)
+    dead_room = Instance(service="room", id="room-cit-dead", host="127.0.0.1", port=1, grpc="127.0.0.1:1",
+                         capacity=100)
+    await discovery.announce(dead_room)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{center.register_port}")
+    stub = pbg.RegisterStub(channel)
+    session = pb.Session(uid=user, session_id="s-" + user, instance=dead_room.id, apps=[app["id"]], device_id="d1",
+                         connected_ms=int(time.time() * 1000), net="wifi")
+    try:
+        await stub.Register(pb.SessionBatch(sessions=[session]), timeout=5)
+        status, body, _ = await call(center, "POST", "/v1/push", {"uids": [user], "payload": "x"}, key=app["api_key"])
+        assert status == 200, body
+        assert body["online"] == 1 and body["delivered"] == 0
+        status, state, _ = await call(center, "GET", f"/v1/messages/{body['msg_ids'][0]}", key=app["api_key"])
+        assert state["state"] == "stored"
+        # presence: the app sees its session; another app sees the user offline; the admin sees all
+        status, presence, _ = await call(center, "GET", f"/v1/users/{user}", key=app["api_key"])
+        assert status == 200 and presence["online"] is True
+        (s,) = presence["sessions"]
+        assert s == {"session_id": session.session_id, "instance": dead_room.id, "apps": [app["id"]],
+                     "device_id": "d1", "connected_ms": session.connected_ms, "net": "wifi"}
+        other = await new_app(center)
+        status, presence, _ = await call(center, "GET", f"/v1/users/{user}", key=other["api_key"])
+        assert status == 200 and presence == {"uid": user, "online": False, "sessions": []}
+        status, presence, _ = await call(center, "GET", f"/v1/users/{user}", key=ADMIN_KEY)
+        assert presence["online"] is True
+        # broadcast: the dead room counts as failed, the call itself succeeds
+        status, bc, _ = await call(center, "POST", "/v1/broadcast", {"payload": "all"}, key=app["api_key"])
+        assert status == 200 and bc["broadcast_id"].isdigit() and bc["rooms"] >= 1 and bc["failed"] >= 1
+    finally:
+        await stub.Unregister(pb.SessionBatch(sessions=[session]), timeout=5)
+        await channel.close()
+        await discovery.withdraw()
+
+
+async def test_presence_of_offline_user(center, app):
+    user = uid()
+    status, body, _ = await call(center, "GET", f"/v1/users/{user}", key=app["api_key"])
+    assert status == 200 and body == {"uid": user, "online": False, "sessions": []}
+    status, body, _ = await call(center, "GET", "/v1/users/" + "u" * 129, key=app["api_key"])
+    assert_error(status, body, 400, "bad_uid")
+
+
+async def test_kick_offline_user(center, app):
+    status, body, _ = await call(center, "POST", f"/v1/users/{uid()}/kick", {"reason": "bye"}, key=app["api_key"])
+    assert status == 200 and body == {"kicked": 0}
+    status, body, _ = await call(center, "POST", f"/v1/users/{uid()}/kick", key=app["api_key"])
+    assert status == 200 and body == {"kicked": 0}
+    status, body, _ = await call(center, "POST", f"/v1/users/{uid()}/kick", {"app": "cit-unknown"}, key=ADMIN_KEY)
+    assert_error(status, body, 404, "unknown_app")
+
+
+async def test_broadcast_with_no_rooms(center, app):
+    status, body, _ = await call(center, "POST", "/v1/broadcast", {"payload": "all", "ttl_s": 60}, key=app["api_key"])
+    assert status == 200, body
+    assert body["broadcast_id"].isdigit() and body["rooms"] == 0 and body["delivered"] == 0
+
+
+async def test_rate_limit_is_429_with_retry_after(center):
+    limited = await new_app(center, push_rate_per_s=2)
+    statuses = []
+    for _ in range(4):
+        status, body, headers = await call(center, "POST", "/v1/push", {"uids": [uid()], "payload": "p"},
+                                           key=limited["api_key"])
+        statuses.append(status)
+    assert statuses[:2] == [200, 200] and statuses[-1] == 429
+    assert_error(status, body, 429, "rate_limited")
+    assert int(headers["Retry-After"]) >= 1
+
+
+# ---------------------------------------------------------------- ops
+
+
+async def test_stats(center, app):
+    status, body, _ = await call(center, "GET", "/v1/stats", key=app["api_key"])
+    assert status == 200, body
+    assert body["instances"]["saver"] >= 1 and body["instances"]["register"] >= 1 and body["instances"]["center"] == 1
+    assert body["rooms"]["count"] == 0 and body["counters"]["pushes"] >= 1 and body["counters"]["messages"] >= 1
+    status, body, _ = await call(center, "GET", "/v1/stats")
+    assert_error(status, body, 401)
+
+
+async def test_health_metrics_dashboard(center):
+    status, body, _ = await call(center, "GET", "/healthz")
+    assert status == 200 and body == {"status": "ok"}
+    status, text, _ = await call(center, "GET", "/metrics")
+    assert status == 200
+    assert b'pylon_center_http_requests_total{method="POST",route="/v1/push",status="200"}' in text
+    assert b"pylon_center_push_seconds_bucket" in text and b"pylon_center_rate_limited_total" in text
+    status, html, headers = await call(center, "GET", "/dashboard")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert b"/v1/stats" in html and b"<script src" not in html and b"<link" not in html
+
+
+async def test_openapi_lists_every_route(center):
+    status, doc, _ = await call(center, "GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    expected = {
+        ("/healthz", "get"), ("/metrics", "get"), ("/openapi.json", "get"), ("/dashboard", "get"),
+        ("/v1/tokens", "post"), ("/v1/push", "post"), ("/v1/broadcast", "post"), ("/v1/messages/{id}", "get"),
+        ("/v1/users/{uid}", "get"), ("/v1/users/{uid}/kick", "post"), ("/v1/stats", "get"), ("/v1/apps", "post"),
+        ("/v1/apps", "get"), ("/v1/apps/{id}", "get"), ("/v1/apps/{id}", "patch"), ("/v1/apps/{id}/rotate-key", "post"),
+    }
+    documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
+    assert documented == expected
+    for path, method in expected:
+        op = doc["paths"][path][method]
+        assert op["responses"] and op["summary"]
+
+
+async def test_admin_cli_creates_and_lists(center):
+    env = procs.common_env(center.common)
+    app_id = "cit-cli-" + uuid.uuid4().hex[:6]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "app", "create", app_id, "--webhook", "https://h.example/x",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    created = json.loads(out)
+    assert created["id"] == app_id and created["api_key"] and created["webhook_url"] == "https://h.example/x"
+    # the running center accepts the new key at once
+    status, body, _ = await call(center, "POST", "/v1/tokens", {"uid": "u"}, key=created["api_key"])
+    assert status == 200, body
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "app", "create", app_id,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 1 and b"app_exists" in err
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "app", "list",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert app_id in {a["id"] for a in json.loads(out)["apps"]}
+
+
+async def test_saver_down_is_503_then_recovers(center, app):
+    """Last in the module: stops the saver, then brings a new one up."""
+    saver = center.procs["saver"]
+    saver.stop()
+    status, body, _ = await call(center, "POST", "/v1/push", {"uids": [uid()], "payload": "p"}, key=app["api_key"])
+    assert_error(status, body, 503, "backend_unavailable")
+    status, body, _ = await call(center, "GET", "/v1/messages/123456789", key=app["api_key"])
+    assert_error(status, body, 503, "backend_unavailable")
+    port = backing.free_port()
+    env = procs.common_env(center.common, {"PYLON_CENTER_ADMIN_KEY": ADMIN_KEY})
+    center.procs["saver"] = procs.start("saver-cit-2", ["saver", "--host", "127.0.0.1", "--grpc-port", str(port),
+                                                         "--metrics-port", "0"], env, saver.log_path.rsplit("/", 1)[0],
+                                        wait_for=[("127.0.0.1", port)])
+    deadline = time.monotonic() + 10
+    while True:
+        status, body, _ = await call(center, "POST", "/v1/push", {"uids": [uid()], "payload": "p"}, key=app["api_key"])
+        if status == 200 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert status == 200, body
