@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
@@ -51,7 +50,7 @@ class AiohttpTransport:
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
                 await resp.content.read(MAX_RESPONSE_READ)
                 return WebhookResponse(resp.status, parse_retry_after(resp.headers.get("Retry-After")))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return WebhookResponse(None, error="timeout")
         except aiohttp.InvalidURL as exc:
             return WebhookResponse(None, error=f"invalid webhook URL {exc}", permanent=True)

@@ -22,8 +22,8 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from services.common.apps import App
 from services.coordinator import events as ev
@@ -66,7 +66,7 @@ class DeliverySettings:
     idle_s: float = 30.0
 
     @classmethod
-    def from_config(cls, cfg) -> "DeliverySettings":
+    def from_config(cls, cfg) -> DeliverySettings:
         return cls(max_attempts=cfg.webhook_max_attempts, backoff_base_s=cfg.webhook_backoff_base_s,
                    backoff_cap_s=cfg.webhook_backoff_cap_s, queue_per_app=cfg.webhook_queue_per_app,
                    rate_per_s=cfg.webhook_rate_per_s, batch_max_events=cfg.webhook_batch_max_events,
@@ -101,6 +101,7 @@ class WebhookDelivery:
         self.retry = retry or RetryPolicy(s.max_attempts, s.backoff_base_s, s.backoff_cap_s)
         self._queues: dict[str, AppQueue] = {}
         self._closing = False
+        self._closing_event = asyncio.Event()
         self._deadline = float("inf")
         self._delivery_ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time() * 1000):x}"
@@ -232,10 +233,6 @@ class WebhookDelivery:
             while True:
                 attempt += 1
                 app = q.app
-                if not app.webhook_url:
-                    m.EVENTS_DROPPED.labels("no_webhook").inc(n)
-                    log.warning("app %s no longer has a webhook: dropped %d events", app.id, n)
-                    return
                 resp = await self._attempt(app, body, delivery_id, attempt)
                 verdict = resp.verdict
                 if verdict is Verdict.DONE:
@@ -252,19 +249,31 @@ class WebhookDelivery:
                                 app.id, attempt, resp.status or resp.error, n, delivery_id)
                     return
                 delay = self.retry.delay(attempt, resp.retry_after_s)
-                if loop.time() + delay > self._deadline:
-                    m.EVENTS_DROPPED.labels("shutdown").inc(n)
-                    log.warning("shutting down: dropped %d events for app %s instead of retrying", n, app.id)
-                    return
                 m.WEBHOOK_RETRIES.inc()
                 log.debug("webhook of app %s: %s, retry %d in %.2fs", app.id, resp.status or resp.error,
                           attempt, delay)
-                await asyncio.sleep(delay)
+                if not await self._backoff(loop.time() + delay):
+                    m.EVENTS_DROPPED.labels("shutdown").inc(n)
+                    log.warning("shutting down: dropped %d events for app %s instead of retrying", n, app.id)
+                    return
                 await self._take_token(q, loop)
         finally:
             q.pending -= n
             q.depth.set(q.pending)
             q.slots.release()
+
+    async def _backoff(self, until: float) -> bool:
+        """Sleep until ``until``; False (at once) if shutdown begins and that is past its deadline."""
+        loop = asyncio.get_running_loop()
+        if not self._closing:
+            try:
+                await asyncio.wait_for(self._closing_event.wait(), max(0.0, until - loop.time()))
+            except TimeoutError:
+                return True
+        if until > self._deadline:
+            return False
+        await asyncio.sleep(max(0.0, until - loop.time()))
+        return True
 
     async def _attempt(self, app: App, body: bytes, delivery_id: str, attempt: int) -> WebhookResponse:
         headers = sign(app.secret, body)
@@ -293,6 +302,7 @@ class WebhookDelivery:
         loop = asyncio.get_running_loop()
         self._closing = True
         self._deadline = loop.time() + grace_s
+        self._closing_event.set()
         for q in self._queues.values():
             q.wake.set()
         # pumps spawn sends until their queues are empty, so wait in rounds until nothing runs

@@ -1,0 +1,89 @@
+"""Errors raised or reported by the SDK. Each says whose fault it is:
+
+- the caller misused the API: ``FrameTooLarge``, ``NotConnected``, ``ClientClosed``, ``SendQueueFull``
+- the server refused or failed: ``ServerError`` (``AuthError`` when it is permanent)
+- the network or the server misbehaved: ``ConnectionLost``, ``ReplyTimeout`` (``UpstreamTimeout``),
+  ``ProtocolError``, ``RouteError``
+"""
+
+from __future__ import annotations
+
+from services.common.codec import ErrorCode
+
+# The server will give the same answer however often we ask: stop instead of reconnect-looping.
+PERMANENT_CODES = frozenset({ErrorCode.BAD_TOKEN, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNKNOWN_APP, ErrorCode.UID_MISMATCH})
+# The server is busy: come back after retry_after_ms.
+RETRY_LATER_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE})
+
+
+class PylonError(Exception):
+    """Base class of every SDK error."""
+
+
+class ClientClosed(PylonError):
+    """The client is closed (``close()``, a kick or a permanent error); create a new one."""
+
+
+class NotConnected(PylonError):
+    """No session right now (connecting or reconnecting); try again once ``connected`` is true."""
+
+
+class ConnectionLost(PylonError):
+    """The connection dropped before the server answered this request."""
+
+
+class FrameTooLarge(PylonError, ValueError):
+    """The request would not fit in one frame of the negotiated maximum; nothing was sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the server's maximum of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class SendQueueFull(PylonError):
+    """Too many frames or requests are waiting to be sent or answered; slow down."""
+
+
+class ReplyTimeout(PylonError, TimeoutError):
+    """The server did not answer a request in time."""
+
+
+class UpstreamTimeout(ReplyTimeout):
+    """No UPSTREAM_ACK within the timeout. The data may or may not have reached the app server."""
+
+
+class ProtocolError(PylonError):
+    """The server sent something that is not valid protocol; the connection is dropped and retried."""
+
+
+class RouteError(PylonError):
+    """The dispatcher could not be asked or gave an unusable answer."""
+
+
+class ServerError(PylonError):
+    """An ERROR frame: ``code`` (an ``ErrorCode`` when known), ``message``, ``fatal``, ``retry_after_ms``."""
+
+    def __init__(self, code: int, message: str, fatal: bool = False, retry_after_ms: int = 0) -> None:
+        try:
+            code = ErrorCode(code)
+        except ValueError:
+            pass
+        name = code.name if isinstance(code, ErrorCode) else str(code)
+        super().__init__(f"{name}: {message}" if message else name)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+        self.retry_after_ms = retry_after_ms
+
+    @property
+    def permanent(self) -> bool:
+        return self.code in PERMANENT_CODES
+
+    @property
+    def retry_later(self) -> bool:
+        return self.code in RETRY_LATER_CODES
+
+
+class AuthError(ServerError):
+    """The server refused this client for good (bad or expired token, unknown app, uid mismatch)."""
