@@ -67,17 +67,30 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def set_sysctls() -> dict:
-    applied = {}
+def set_sysctls() -> tuple[dict, dict]:
+    """Apply SYSCTLS; return (what was applied, the previous values to restore)."""
+    applied, previous = {}, {}
     for key, value in SYSCTLS.items():
         path = "/proc/sys/" + key.replace(".", "/")
         try:
+            with open(path) as fh:
+                previous[key] = fh.read().strip().replace("\t", " ")
             with open(path, "w") as fh:
                 fh.write(value)
             applied[key] = value
         except OSError as exc:
             applied[key] = f"not set: {exc.strerror}"
-    return applied
+    return applied, previous
+
+
+def restore_sysctls(previous: dict) -> None:
+    # the widened port range would let outgoing sockets take service ports (7030, 8080 ...) later
+    for key, value in previous.items():
+        try:
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as fh:
+                fh.write(value)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------- worker
@@ -259,7 +272,7 @@ def main() -> int:
 
     n = args.connections
     rooms = args.rooms or RoomConfig(instances=0, target_connections=n).instance_count()
-    sysctls = set_sysctls()
+    sysctls, previous_sysctls = set_sysctls()
     tmp = tempfile.mkdtemp(prefix="pylon-bench-")
     cluster = LocalCluster(tmp, Ports.free(rooms), room_instances=rooms,
                            env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535"})
@@ -273,6 +286,9 @@ def main() -> int:
         server_pids = room_pids + [cluster.services[s].pid for s in ("register", "saver", "coordinator", "center",
                                                                         "dispatcher")]
         server_pids += [s.proc.pid for s in cluster.stores]
+        names = {pid: "room" for pid in room_pids}
+        names.update({cluster.services[s].pid: s for s in ("register", "saver", "coordinator", "center", "dispatcher")})
+        names.update({s.proc.pid: s.name for s in cluster.stores})
         time.sleep(2)
         base_rss = {pid: rss_kib(pid) for pid in room_pids}
         result["room_baseline_rss_kib_per_instance"] = round(sum(base_rss.values()) / max(1, len(base_rss)))
@@ -323,6 +339,10 @@ def main() -> int:
                 result["time_to_full_s"] = round(full_at - t0, 2)
                 result["connect_rate_per_s"] = round(held / (full_at - t0))
                 result["server_cpu_s_connect"] = round(sum(cpu_full[0].values()) - sum(cpu0.values()), 1)
+                by_service: dict[str, float] = {}
+                for pid, used in cpu_full[0].items():
+                    by_service[names[pid]] = by_service.get(names[pid], 0) + used - cpu0[pid]
+                result["server_cpu_s_connect_by_service"] = {k: round(v, 2) for k, v in sorted(by_service.items())}
                 result["client_cpu_s_connect"] = round(cpu_full[1], 1)
                 # memory after a short settle: per-connection RSS of the room processes
                 time.sleep(min(10, args.hold_s / 2))
@@ -355,6 +375,7 @@ def main() -> int:
                 wp.kill()
             wp.wait()
         cluster.stop()
+        restore_sysctls(previous_sysctls)
         if not args.keep:
             import shutil
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -26,3 +27,4 @@ def backing_stores():
     finally:
         maria.stop()
         redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

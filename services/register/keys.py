@@ -34,7 +34,8 @@ def member(uid: str, session_id: str) -> str:
 def split_member(raw: bytes | str) -> tuple[str, str] | None:
     """(uid, session_id) of an instance-set member, None if it is not one of ours."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    uid, sep, session_id = text.partition(MEMBER_SEP)
+    # split at the last NUL: session ids (room-made) never hold one, uids (client-chosen) may
+    uid, sep, session_id = text.rpartition(MEMBER_SEP)
     if not sep or not uid or not session_id:
         return None
     return uid, session_id
@@ -50,8 +51,6 @@ def check_uid(uid: str) -> None:
         raise RequestError("uid must not be empty")
     if len(uid) > MAX_UID_LEN:
         raise RequestError(f"uid {uid[:32]!r}... is longer than {MAX_UID_LEN} characters")
-    if MEMBER_SEP in uid:
-        raise RequestError("uid must not contain NUL characters")
 
 
 def check_instance(instance: str) -> None:
@@ -70,6 +69,8 @@ def check_sessions(what: str, sessions: Sequence[internal_pb2.Session], max_item
                 raise RequestError("session_id must not be empty")
             if len(s.session_id) > MAX_SESSION_ID_LEN:
                 raise RequestError(f"session_id is longer than {MAX_SESSION_ID_LEN} characters")
+            if MEMBER_SEP in s.session_id:
+                raise RequestError("session_id must not contain NUL characters")
             check_instance(s.instance)
         except RequestError as exc:
             raise RequestError(f"{what}: sessions[{i}]: {exc}") from None

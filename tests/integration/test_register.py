@@ -108,6 +108,16 @@ async def test_drop_instance_in_chunks(stub):
     assert (await stub.DropInstance(pb.InstanceRequest(instance="room-BIG"), timeout=5)).n == 0
 
 
+async def test_uid_with_nul_survives_drop_instance(stub):
+    uid = "reg-nul\x00uid"
+    await stub.Register(pb.SessionBatch(sessions=[session(uid, "room-N/1", "room-N")]), timeout=5)
+    by_uid, _ = await lookup(stub, [uid])
+    assert [s.session_id for s in by_uid[uid]] == ["room-N/1"]
+    assert (await stub.DropInstance(pb.InstanceRequest(instance="room-N"), timeout=5)).n == 1
+    by_uid, _ = await lookup(stub, [uid])
+    assert list(by_uid[uid]) == []
+
+
 @pytest.mark.parametrize("call", [
     lambda st: st.Lookup(pb.LookupRequest(uids=[f"u{i}" for i in range(5001)]), timeout=5),
     lambda st: st.Lookup(pb.LookupRequest(uids=["ok", ""]), timeout=5),

@@ -1,0 +1,114 @@
+"""``pylon saver``: wiring of the message storage process (config → MySQL + Redis → core → gRPC → discovery)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import warnings
+
+log = logging.getLogger("services.saver")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file ([pylon] and [saver] sections)")
+    p.add_argument("--host", help="bind address for gRPC and metrics")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (pylon.internal.Saver)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from services.common import config, logs, runtime
+    from services.saver.config import SaverConfig
+
+    try:
+        common, cfg = config.load(SaverConfig, "saver", args.config, host=args.host,
+                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("saver", common.log_level)
+    # "IF NOT EXISTS" notes from the start-up DDL are expected, not news
+    warnings.filterwarnings("ignore", module="aiomysql")
+    return runtime.run(lambda stop: serve(common, cfg, stop))
+
+
+async def _retry_until(what: str, attempt, stop: asyncio.Event):
+    """``await attempt()`` until it succeeds (warning on each failure, backing off to 5 s);
+    None if ``stop`` is set first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await attempt()
+        except Exception as exc:
+            log.warning("%s failed (retrying in %.1fs): %s", what, delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+    return None
+
+
+async def serve(common, cfg, stop: asyncio.Event) -> None:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    from services.common import metrics, mysql, rpc, runtime
+    from services.common.discovery import Discovery, Instance
+    from services.common.pb import internal_pb2_grpc
+    from services.saver.grpc_adapter import SaverServicer
+    from services.saver.inbox import InboxStore
+    from services.saver.journal import MessageJournal
+    from services.saver.store import MessageStore
+
+    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections)
+    # fail within ~0.1 s when Redis is down, so callers get UNAVAILABLE before their deadline
+    redis.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
+    metrics_server = await metrics.serve(cfg.host, cfg.metrics_port)
+    metrics_port = metrics.bound_port(metrics_server)
+
+    async def open_mysql():
+        pool = await mysql.connect_pool(common, minsize=1, maxsize=cfg.mysql_pool_size)
+        try:
+            await mysql.migrate(pool)
+        except BaseException:
+            pool.close()
+            await pool.wait_closed()
+            raise
+        return pool
+
+    pool = await _retry_until(f"MySQL {common.mysql_host}:{common.mysql_port} connect/migrate", open_mysql, stop)
+    if pool is None:
+        metrics_server.close()
+        await redis.aclose()
+        return
+    inbox = InboxStore(redis, ack_retention_s=cfg.ack_retention_s, max_attempts=cfg.max_attempts,
+                       seq_ttl_s=cfg.max_ttl_s + cfg.ack_retention_s)
+    journal = MessageJournal(pool, cfg)
+    store = MessageStore(inbox, journal, cfg)
+    journal.start()
+    server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
+                                    [(internal_pb2_grpc.add_SaverServicer_to_server, SaverServicer(store))])
+    adv = common.advertise_host
+    inst = Instance(service="saver", id=f"saver-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
+                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+    log.info("saver serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
+    try:
+        await _retry_until("announce in discovery", lambda: discovery.announce(inst), stop)
+        await stop.wait()
+    finally:
+        log.info("saver stopping")
+        try:
+            await discovery.withdraw()
+        except Exception as exc:
+            log.warning("discovery withdraw failed: %s", exc)
+        await discovery.close()
+        await server.stop(cfg.shutdown_grace_s)
+        await journal.close(cfg.shutdown_grace_s)
+        pool.close()
+        await pool.wait_closed()
+        metrics_server.close()
+        await redis.aclose()

@@ -1,0 +1,30 @@
+"""Prometheus metrics of the saver process."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+STORED = Counter("pylon_saver_messages_stored_total", "Messages stored (Redis inbox + MySQL log)")
+LOADED = Counter("pylon_saver_messages_loaded_total", "Messages returned by LoadInbox")
+ACKED = Counter("pylon_saver_messages_acked_total", "Acks applied")
+DELIVERED = Counter("pylon_saver_messages_delivered_total", "Delivery attempts counted by MarkDelivered")
+PARKED = Counter("pylon_saver_messages_parked_total", "Messages parked after max_attempts deliveries without ack")
+PRUNED = Counter("pylon_saver_inbox_pruned_total", "Inbox entries dropped at load (body gone, expired, acked or parked)")
+SWEPT = Counter("pylon_saver_mysql_swept_rows_total", "Expired rows deleted from MySQL by the sweep")
+BACKEND_ERRORS = Counter("pylon_saver_backend_errors_total", "RPCs failed by a backend", ["backend"])
+MYSQL_BATCH_ROWS = Histogram(
+    "pylon_saver_mysql_batch_rows", "Rows per MySQL statement", ["op"],
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+MYSQL_SECONDS = Histogram(
+    "pylon_saver_mysql_seconds", "MySQL statement latency", ["op"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+RPC_SECONDS = Histogram(
+    "pylon_saver_rpc_seconds", "Saver RPC handling time by method and outcome", ["method", "outcome"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+RPC_ITEMS = Histogram(
+    "pylon_saver_rpc_items", "Items per saver RPC", ["method"],
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
