@@ -23,6 +23,7 @@ ROUTE_SECONDS = Histogram("pylon_dispatcher_route_seconds", "Time to answer /v1/
 FALLBACKS = Counter("pylon_dispatcher_fallbacks_total", "Answers that skipped a filter to have any room",
                     ["kind"])  # region | all_excluded | no_rooms
 
+MAX_BATCH_UIDS = 1000
 _AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 414: "uri_too_long"}
 
 
@@ -68,6 +69,7 @@ class DispatcherApi:
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/v1/route", self.route),
+            web.post("/v1/routes", self.routes_batch),
             web.get("/healthz", self.healthz),
             web.get("/metrics", self.metrics),
         ]
@@ -84,6 +86,29 @@ class DispatcherApi:
         ROUTE_SECONDS.observe(time.perf_counter() - started)
         return json_response(routing.route_view(answer))
 
+    async def routes_batch(self, request: web.Request) -> web.Response:
+        """Routes for many uids in one request: for app-server side proxies and load generators,
+        where one HTTP round trip per connection would cost more than the connection itself."""
+        started = time.perf_counter()
+        try:
+            body = await request.json()
+        except ValueError:
+            raise routing.InvalidQuery("request body is not JSON") from None
+        uids = body.get("uids") if isinstance(body, dict) else None
+        if not isinstance(uids, list) or not uids or len(uids) > MAX_BATCH_UIDS:
+            raise routing.InvalidQuery(f"uids must be a list of 1..{MAX_BATCH_UIDS} uids")
+        rooms = await self.discovery.instances("room")
+        out = {}
+        for uid in uids:
+            if not isinstance(uid, str):
+                raise routing.InvalidQuery("every uid must be a string")
+            params = {k: str(body[k]) for k in ("net", "region", "count", "exclude") if k in body}
+            params["uid"] = uid
+            query = routing.parse_query(params, self.cfg.default_count, self.cfg.max_count, self.cfg.max_exclude)
+            out[uid] = routing.route_view(routing.choose(rooms, query, self.cfg.load_step))["rooms"]
+        ROUTE_SECONDS.observe(time.perf_counter() - started)
+        return json_response({"routes": out})
+
     async def healthz(self, request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
 
@@ -92,7 +117,7 @@ class DispatcherApi:
 
 
 def make_app(discovery: Discovery, cfg: DispatcherConfig) -> web.Application:
-    # GET-only service: no request body is ever needed
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=4096)
+    # bodies only on POST /v1/routes: 1,000 uids of up to 128 characters
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=256 * 1024)
     app.add_routes(DispatcherApi(discovery, cfg).routes())
     return app

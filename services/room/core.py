@@ -139,9 +139,10 @@ class RoomInstance:
             conn.registered = False
             session = self._session(conn)
             self._submit(self.backends.unregister, session)
-            self._submit(self.backends.status, ipb.StatusEvent(
-                uid=conn.uid, apps=conn.apps, online=False, session_id=session.session_id,
-                device_id=conn.device_id, ts_ms=int(time.time() * 1000), instance=self.id))
+            if self._wants_status(conn):
+                self._submit(self.backends.status, ipb.StatusEvent(
+                    uid=conn.uid, apps=conn.apps, online=False, session_id=session.session_id,
+                    device_id=conn.device_id, ts_ms=int(time.time() * 1000), instance=self.id))
         t = conn.transport
         if t is not None:
             t.abort() if abort else t.close()
@@ -309,10 +310,19 @@ class RoomInstance:
         self.send(conn, Op.AUTH_OK, cpb.AuthOk(
             session_id=session_id, resume_token=session_id, heartbeat_s=conn.heartbeat_s,
             server_time_ms=int(time.time() * 1000), max_frame=self.max_frame, apps=conn.apps).SerializeToString(), seq)
-        self._submit(self.backends.status, ipb.StatusEvent(
-            uid=conn.uid, apps=conn.apps, online=True, session_id=session_id, device_id=conn.device_id,
-            ts_ms=int(time.time() * 1000), instance=self.id))
+        if self._wants_status(conn):
+            self._submit(self.backends.status, ipb.StatusEvent(
+                uid=conn.uid, apps=conn.apps, online=True, session_id=session_id, device_id=conn.device_id,
+                ts_ms=int(time.time() * 1000), instance=self.id))
         self._load_inbox(conn, conn.apps)
+
+    def _wants_status(self, conn: ClientConnection) -> bool:
+        """Only apps that subscribed get online/offline events: skip the RPC for the rest."""
+        for app_id in conn.apps:
+            app = self.apps.get(app_id)
+            if app is not None and app.status_events:
+                return True
+        return False
 
     def _load_inbox(self, conn: ClientConnection, apps: Iterable[str]) -> None:
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:

@@ -178,3 +178,20 @@ async def test_health_and_metrics(dispatcher):
             assert r.status == 404 and (await r.json())["error"]["code"] == "not_found"
         async with s.post(d.url + "/v1/route") as r:
             assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_batch_routes_match_single_routes(dispatcher, rooms):
+    d, _ = dispatcher
+    await rooms(room(1), room(2), room(3))
+    await wait_rooms(d, 3)
+    uids = [f"user-{i}" for i in range(50)]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(d.url + "/v1/routes", json={"uids": uids, "count": 2}) as r:
+            assert r.status == 200
+            routes = (await r.json())["routes"]
+        for uid in uids[:10]:
+            status, body = await get(d, uid=uid, count="2")
+            assert status == 200 and routes[uid] == body["rooms"]
+        for bad in (b"{oops", b'{"uids": "x"}', b'{"uids": [1]}', b'{"uids": []}'):
+            async with s.post(d.url + "/v1/routes", data=bad) as r:
+                assert r.status == 400 and (await r.json())["error"]["message"]

@@ -9,6 +9,7 @@ import sys
 import uuid
 
 from pylon_sdk import PylonClient
+
 from tests.integration.test_e2e import api, push, wait_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
