@@ -46,52 +46,63 @@ def sign(secret: str, uid: str, app: str, ttl_s: int, device_id: str = "", now: 
     return (signing_input + b"." + sig).decode(), exp
 
 
+class ParsedToken:
+    """A token split and its claims decoded once; ``check`` verifies it against a secret."""
+
+    __slots__ = ("signing_input", "signature", "header_b64", "claims")
+
+    def __init__(self, token: str) -> None:
+        if len(token) > MAX_TOKEN_BYTES:
+            raise TokenError("token too long")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise TokenError("token is not a JWT")
+        self.header_b64 = parts[0]
+        self.signing_input = f"{parts[0]}.{parts[1]}".encode()
+        self.signature = parts[2].encode()
+        try:
+            claims = json.loads(_unb64(parts[1]))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise TokenError("token payload is not JSON") from exc
+        if not isinstance(claims, dict):
+            raise TokenError("token payload is not an object")
+        self.claims = claims
+
+    @property
+    def app(self) -> str:
+        app = self.claims.get("app")
+        if not isinstance(app, str) or not app:
+            raise TokenError("token has no app claim")
+        return app
+
+    def check(self, secret: str, now: float | None = None, leeway_s: int = 30) -> dict:
+        """Check algorithm, signature, expiry and subject; return the claims."""
+        if self.header_b64.encode() != _HEADER:  # our own canonical header needs no JSON parse
+            try:
+                header = json.loads(_unb64(self.header_b64))
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise TokenError("token header is not JSON") from exc
+            if not isinstance(header, dict) or header.get("alg") != "HS256":
+                raise TokenError("token algorithm must be HS256")
+        expected = _b64(hmac.new(secret.encode(), self.signing_input, hashlib.sha256).digest())
+        if not hmac.compare_digest(expected, self.signature):
+            raise TokenError("bad token signature")
+        claims = self.claims
+        exp = claims.get("exp")
+        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+            raise TokenError("token has no exp claim")
+        if exp + leeway_s < (now if now is not None else time.time()):
+            raise TokenError("token expired", expired=True)
+        if not isinstance(claims.get("sub"), str) or not claims["sub"]:
+            raise TokenError("token has no sub claim")
+        return claims
+
+
 def unverified_app(token: str) -> str:
     """The ``app`` claim without checking the signature, to pick the secret to verify with."""
-    claims = _claims(token)
-    app = claims.get("app")
-    if not isinstance(app, str) or not app:
-        raise TokenError("token has no app claim")
-    return app
-
-
-def _claims(token: str) -> dict:
-    if len(token) > MAX_TOKEN_BYTES:
-        raise TokenError("token too long")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise TokenError("token is not a JWT")
-    try:
-        claims = json.loads(_unb64(parts[1]))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TokenError("token payload is not JSON") from exc
-    if not isinstance(claims, dict):
-        raise TokenError("token payload is not an object")
-    return claims
+    return ParsedToken(token).app
 
 
 def verify(token: str, secret: str, now: float | None = None, leeway_s: int = 30) -> dict:
     """Check signature, algorithm and expiry; return the claims."""
-    if len(token) > MAX_TOKEN_BYTES:
-        raise TokenError("token too long")
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise TokenError("token is not a JWT")
-    try:
-        header = json.loads(_unb64(parts[0]))
-        expected = _b64(hmac.new(secret.encode(), f"{parts[0]}.{parts[1]}".encode(), hashlib.sha256).digest())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise TokenError("token header is not JSON") from exc
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise TokenError("token algorithm must be HS256")
-    if not hmac.compare_digest(expected, parts[2].encode()):
-        raise TokenError("bad token signature")
-    claims = _claims(token)
-    exp = claims.get("exp")
-    if not isinstance(exp, (int, float)):
-        raise TokenError("token has no exp claim")
-    if exp + leeway_s < (now if now is not None else time.time()):
-        raise TokenError("token expired", expired=True)
-    if not isinstance(claims.get("sub"), str) or not claims["sub"]:
-        raise TokenError("token has no sub claim")
-    return claims
+    return ParsedToken(token).check(secret, now, leeway_s)

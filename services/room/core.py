@@ -56,6 +56,8 @@ class RoomInstance:
         self._next_sid = 0
         self._tick_task: asyncio.Task | None = None
         self._pong_bodies: dict[int, bytes] = {}
+        self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._nets: dict[str, str] = {}
         self._handlers = {
             Op.PING: self._on_ping,
             Op.ACK: self._on_ack,
@@ -195,7 +197,8 @@ class RoomInstance:
             self.close(conn)
 
     # ------------------------------------------------------------------ AUTH
-    def _verify_apps(self, uid: str, token_by_app: dict[str, str], app_ids: Iterable[str]) -> tuple[str, ...]:
+    def _verify_apps(self, uid: str, token_by_app: dict[str, tokens.ParsedToken],
+                     app_ids: Iterable[str]) -> tuple[str, ...]:
         bound = []
         for app_id in app_ids:
             app = self.apps.get(app_id)
@@ -205,7 +208,7 @@ class RoomInstance:
             if token is None:
                 raise AuthFailure(ErrorCode.BAD_TOKEN, f"no token for app {app_id!r}")
             try:
-                claims = tokens.verify(token, app.secret)
+                claims = token.check(app.secret)
             except tokens.TokenError as exc:
                 code = ErrorCode.TOKEN_EXPIRED if exc.expired else ErrorCode.BAD_TOKEN
                 raise AuthFailure(code, f"{exc} (app {app_id!r})") from None
@@ -213,14 +216,24 @@ class RoomInstance:
                 raise AuthFailure(ErrorCode.UID_MISMATCH, f"token of app {app_id!r} is for another uid")
             if claims.get("app") != app_id:
                 raise AuthFailure(ErrorCode.BAD_TOKEN, f"token is not for app {app_id!r}")
-            bound.append(app_id)
-        return tuple(dict.fromkeys(bound))
+            bound.append(app.id)  # the cached App's id: one shared str, not one per connection
+        return self._canonical_apps(tuple(dict.fromkeys(bound)))
 
-    def _tokens_by_app(self, token_list: Iterable[str]) -> dict[str, str]:
-        out = {}
+    def _canonical_apps(self, apps: tuple[str, ...]) -> tuple[str, ...]:
+        """Share one tuple object among all sessions bound to the same apps (memory per session)."""
+        shared = self._app_tuples.get(apps)
+        if shared is None:
+            if len(self._app_tuples) > 10_000:
+                self._app_tuples.clear()
+            shared = self._app_tuples[apps] = apps
+        return shared
+
+    def _tokens_by_app(self, token_list: Iterable[str]) -> dict[str, tokens.ParsedToken]:
+        out: dict[str, tokens.ParsedToken] = {}
         for token in token_list:
             try:
-                out.setdefault(tokens.unverified_app(token), token)
+                parsed = tokens.ParsedToken(token)
+                out.setdefault(parsed.app, parsed)
             except tokens.TokenError as exc:
                 raise AuthFailure(ErrorCode.BAD_TOKEN, str(exc)) from None
         return out
@@ -249,7 +262,7 @@ class RoomInstance:
             if not auth.token:
                 raise AuthFailure(ErrorCode.BAD_TOKEN, "AUTH carries no token")
             token_by_app = self._tokens_by_app([auth.token, *auth.tokens])
-            primary = tokens.unverified_app(auth.token)
+            primary = next(iter(token_by_app))
             wanted = list(dict.fromkeys([primary, *auth.apps]))
             if len(wanted) > cfg.max_apps_per_session:
                 raise AuthFailure(ErrorCode.TOO_MANY_ITEMS, f"at most {cfg.max_apps_per_session} apps per connection")
@@ -258,7 +271,7 @@ class RoomInstance:
             uid = auth.uid
             if not uid:
                 app = self.apps.get(primary)
-                uid = tokens.verify(auth.token, app.secret)["sub"] if app else ""
+                uid = token_by_app[primary].check(app.secret)["sub"] if app else ""
             if not uid or len(uid) > cfg.max_uid_len:
                 raise AuthFailure(ErrorCode.UID_MISMATCH, f"uid must be 1..{cfg.max_uid_len} characters")
             bound = self._verify_apps(uid, token_by_app, wanted)
@@ -273,7 +286,8 @@ class RoomInstance:
         conn.uid = uid
         conn.device_id = auth.device_id[:128]
         conn.apps = bound
-        conn.net = auth.net[:16]
+        net = auth.net[:16]
+        conn.net = self._nets.setdefault(net, net) if len(self._nets) < 64 else net
         hb = cfg.heartbeat_for(conn.net)
         if auth.heartbeat_hint_s:
             hb = cfg.clamp_heartbeat(auth.heartbeat_hint_s)
@@ -518,14 +532,14 @@ class RoomInstance:
             return
         if conn.state != OPEN:
             return
-        conn.apps = conn.apps + bound
+        conn.apps = self._canonical_apps(conn.apps + bound)
         self._rebound(conn, seq)
         if bound:
             self._load_inbox(conn, bound)
 
     def _on_unbind(self, conn: ClientConnection, frame: Frame) -> None:
         drop = set(cpb.Bind.FromString(frame.body).apps)
-        conn.apps = tuple(a for a in conn.apps if a not in drop)
+        conn.apps = self._canonical_apps(tuple(a for a in conn.apps if a not in drop))
         if conn.unacked:
             for msg_id in [k for k, a in conn.unacked.items() if a in drop]:
                 del conn.unacked[msg_id]
