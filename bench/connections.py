@@ -118,7 +118,7 @@ class BenchConn:
                 self.authed = True
                 w.on_auth_ok(self)
             elif op == 13:
-                w.errors += 1
+                w.on_error(data[pos + 12:pos + length])
             elif op == 4:
                 w.pongs += 1
             if length < 12:
@@ -147,6 +147,7 @@ class Worker:
         self.pongs = 0
         self.lost = 0
         self.conns: list[BenchConn] = []
+        self.error_kinds: dict[str, int] = {}
         self._inflight = asyncio.Semaphore(args.inflight)
         self._waiters: dict[BenchConn, asyncio.Future] = {}
 
@@ -155,6 +156,17 @@ class Worker:
         fut = self._waiters.pop(conn, None)
         if fut and not fut.done():
             fut.set_result(True)
+
+    def on_error(self, body: bytes) -> None:
+        from services.common.pb import client_pb2 as cpb
+
+        self.errors += 1
+        try:
+            err = cpb.Error.FromString(body)
+            key = f"{err.code}:{err.message[:60]}"
+        except Exception:
+            key = "undecodable"
+        self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
 
     def on_lost(self, conn):
         if conn.authed:
@@ -244,6 +256,7 @@ class Worker:
             await asyncio.sleep(0.1)
         reporter.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
+                          "error_kinds": self.error_kinds,
                           "failed": self.failed, "errors": self.errors}), flush=True)
         for c in conns:
             if c.transport is not None:
@@ -380,6 +393,11 @@ def main() -> int:
         result["pongs_during_hold"] = sum(d.get("pongs", 0) for d in done.values())
         result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
         result["server_errors"] = sum(d.get("errors", 0) for d in done.values())
+        kinds: dict[str, int] = {}
+        for d in done.values():
+            for k, v in d.get("error_kinds", {}).items():
+                kinds[k] = kinds.get(k, 0) + v
+        result["server_error_kinds"] = kinds
         result["workers"] = len(workers)
     finally:
         for wp in workers:

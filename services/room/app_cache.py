@@ -26,6 +26,7 @@ class AppCache:
         self._waiters: list[Callable[[bool], None]] = []
         self._refreshing = False
         self._task: asyncio.Task | None = None
+        self._refresh_task: asyncio.Task | None = None
         self.loaded = False
 
     async def start(self) -> None:
@@ -45,7 +46,8 @@ class AppCache:
             return False
         self._waiters.append(callback)
         if not self._refreshing:
-            asyncio.get_running_loop().create_task(self._refresh())
+            self._refreshing = True  # now, not when the task first runs: one refresh for a burst of misses
+            self._refresh_task = asyncio.get_running_loop().create_task(self._refresh())
         return True
 
     async def _refresh(self) -> None:
