@@ -4,7 +4,9 @@
 it reaches ``max_batch`` items or ``delay_s`` after its first item, whichever comes first;
 ``flush(items)`` is one coroutine call for the whole batch and returns one result per item (or
 raises, and every item's ``done`` gets the exception). ``done(result, error)`` is a plain
-callback, so a waiting connection costs no task or future. At most ``max_pending`` items wait;
+callback, so a waiting connection costs no task or future. While ``max_concurrent_flushes``
+batches are in flight, a due batch is not cut: it keeps filling until a flush returns, so the
+batch size grows with the load by itself (one RPC costs ~150-500 us whatever it carries). At most ``max_pending`` items wait;
 past that ``submit`` raises ``Overloaded`` and the caller sheds (the 360 lesson: unbounded
 fan-out under jitter is what blows up memory).
 """
@@ -41,7 +43,8 @@ class Batcher(Generic[T]):
         self._dones: list[Done | None] = []
         self._timer: asyncio.TimerHandle | None = None
         self._pending = 0  # queued + in flight
-        self._sem = asyncio.Semaphore(max_concurrent_flushes)
+        self.max_concurrent_flushes = max_concurrent_flushes
+        self._due = False  # a flush is due but every flush slot is busy
         self._tasks: set[asyncio.Task] = set()
         self._depth = metrics.QUEUE_DEPTH.labels(name)
         self._shed = metrics.SHED.labels(name)
@@ -59,7 +62,7 @@ class Batcher(Generic[T]):
         self._pending += 1
         if len(self._items) >= self.max_batch:
             self._start_flush()
-        elif self._timer is None:
+        elif self._timer is None and not self._due:
             self._timer = asyncio.get_running_loop().call_later(self.delay_s, self._start_flush)
 
     def _start_flush(self) -> None:
@@ -68,19 +71,30 @@ class Batcher(Generic[T]):
             self._timer = None
         if not self._items:
             return
-        items, dones = self._items, self._dones
-        self._items, self._dones = [], []
+        if len(self._tasks) >= self.max_concurrent_flushes:
+            self._due = True  # flushed when a slot frees (see _flush_finished)
+            return
+        self._due = False
+        items, dones = self._items[:self.max_batch], self._dones[:self.max_batch]
+        del self._items[:self.max_batch], self._dones[:self.max_batch]
         self._depth.set(self._pending)
-        task = asyncio.get_running_loop().create_task(self._run(items, dones))
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(items, dones))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._flush_finished)
+        if self._items and self._timer is None:
+            self._timer = loop.call_later(self.delay_s, self._start_flush)
+
+    def _flush_finished(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._due or len(self._items) >= self.max_batch:
+            self._start_flush()
 
     async def _run(self, items: list[T], dones: list[Done | None]) -> None:
         results: Sequence[Any] | None = None
         error: BaseException | None = None
         try:
-            async with self._sem:
-                results = await self._flush_fn(items)
+            results = await self._flush_fn(items)
         except asyncio.CancelledError:
             error = ConnectionAbortedError(f"{self.name} cancelled")
         except Exception as exc:
@@ -99,6 +113,10 @@ class Batcher(Generic[T]):
 
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Flush what is queued and wait for flushes in flight."""
-        self._start_flush()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=timeout_s)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._items or self._tasks:
+            self._start_flush()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0 or not self._tasks:
+                break
+            await asyncio.wait(list(self._tasks), timeout=left, return_when=asyncio.FIRST_COMPLETED)
