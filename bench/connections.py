@@ -281,6 +281,8 @@ def main() -> int:
     p.add_argument("--connect-timeout-s", type=float, default=900)
     p.add_argument("--sources", type=int, default=32, help="loopback source addresses")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for the services, e.g. PYLON_ROOM_BATCH_DELAY_MS=10")
     # worker mode (internal)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--uid-start", type=int, default=0, help=argparse.SUPPRESS)
@@ -300,8 +302,9 @@ def main() -> int:
     sysctls, previous_sysctls = set_sysctls()
     tmp = tempfile.mkdtemp(prefix="pylon-bench-")
     cluster = LocalCluster(tmp, Ports.free(rooms), room_instances=rooms,
-                           env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535"})
-    result: dict = {"bench": "connections", "target": n, "rooms": rooms, "sysctls": sysctls,
+                           env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535",
+                                **dict(kv.split("=", 1) for kv in args.env)})
+    result: dict = {"bench": "connections", "target": n, "rooms": rooms, "sysctls": sysctls, "env": args.env,
                     "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     workers: list[subprocess.Popen] = []
     try:

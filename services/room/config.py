@@ -32,7 +32,9 @@ class RoomConfig:
     max_apps_per_session: int = 16
     max_uid_len: int = 128
     inbox_load_limit: int = 100
-    batch_delay_ms: float = 2.0    # how long a batch waits for company before it is flushed
+    # How long a batch waits for company before it is flushed. 10 ms measured: a 36k connect storm
+    # costs 172 us of server CPU per connect (2 ms: 272 us), at +10 ms on AUTH_OK, acks and upstream.
+    batch_delay_ms: float = 10.0
     max_batch: int = 500
     max_pending_auth: int = 20_000  # handshakes waiting on register; past it AUTH gets OVERLOADED
     overload_retry_ms: int = 2_000
