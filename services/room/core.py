@@ -383,8 +383,13 @@ class RoomInstance:
 
     # ------------------------------------------------------------------ heartbeat
     def _arm(self, conn: ClientConnection) -> None:
-        conn.deadline = int(self.clock()) + conn.heartbeat_s * 3 // 2 + self.cfg.heartbeat_grace_s
-        self.wheel.add(conn)
+        """Switch from the handshake deadline to the heartbeat deadline. The connection is already
+        on the wheel; only a deadline earlier than its bucket needs a second entry there."""
+        deadline = int(self.clock()) + conn.heartbeat_s * 3 // 2 + self.cfg.heartbeat_grace_s
+        earlier = deadline < conn.deadline
+        conn.deadline = deadline
+        if earlier:
+            self.wheel.add(conn)
 
     def _on_ping(self, conn: ClientConnection, frame: Frame) -> None:
         if frame.body:
