@@ -122,7 +122,10 @@ async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]]) -> 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     for add, servicer in add_servicers:
         add(servicer, server)
-    port = server.add_insecure_port(bind)
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpcio raises RuntimeError, not OSError, for a port in use
+        raise OSError(f"cannot bind gRPC server to {bind} (port in use?)") from exc
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {bind}")
     await server.start()
