@@ -443,7 +443,8 @@ def _count_sessions(cluster) -> dict:
     # what each room instance itself holds, from its /metrics
     import urllib.request
 
-    rooms_say = {}
+    rooms_say: dict = {}
+    room_metrics: dict = {}
     for raw in r.hvals("pylon:discinfo:room"):
         info = json.loads(raw)
         try:
@@ -451,9 +452,13 @@ def _count_sessions(cluster) -> dict:
                 for line in resp.read().decode().splitlines():
                     if line.startswith("pylon_room_sessions "):
                         rooms_say[info["id"]] = int(float(line.split()[1]))
+                    elif line.startswith(("pylon_room_connections ", "pylon_room_auths_total{",
+                                          "pylon_room_closed_total{")):
+                        name, value = line.rsplit(" ", 1)
+                        room_metrics[name] = room_metrics.get(name, 0) + int(float(value))
         except OSError:
             rooms_say[info["id"]] = -1
-    return {"instance_set_members": in_sets, "user_hash_fields": in_hashes,
+    return {"instance_set_members": in_sets, "user_hash_fields": in_hashes, "room_metrics": room_metrics,
             "by_instance": {k: [by_instance.get(k, 0), rooms_say.get(k)] for k in sorted(set(by_instance) | set(rooms_say))}}
 
 
