@@ -12,44 +12,13 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import metrics
+from services.common.outage import OutageLog
 from services.common.pb import internal_pb2, internal_pb2_grpc
 from services.register import metrics as m
 from services.register.keys import RequestError
 from services.register.store import SessionStore
 
 log = logging.getLogger(__name__)
-
-
-class OutageLog:
-    """One warning when a backend starts failing, one info line when it is back, and a
-    reminder at most every ``every_s`` in between (so an outage under load is not 10k lines)."""
-
-    __slots__ = ("backend", "every_s", "_down_since", "_last_line", "_failures")
-
-    def __init__(self, backend: str, every_s: float = 30.0) -> None:
-        self.backend = backend
-        self.every_s = every_s
-        self._down_since = 0.0
-        self._last_line = 0.0
-        self._failures = 0
-
-    def failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._failures += 1
-        if not self._down_since:
-            self._down_since = self._last_line = now
-            log.warning("%s unavailable: %s", self.backend, exc)
-        elif now - self._last_line >= self.every_s:
-            self._last_line = now
-            log.warning("%s still unavailable after %.0fs (%d failed calls): %s",
-                        self.backend, now - self._down_since, self._failures, exc)
-
-    def ok(self) -> None:
-        if self._down_since:
-            log.info("%s reachable again after %.1fs (%d failed calls)", self.backend,
-                     time.monotonic() - self._down_since, self._failures)
-            self._down_since = 0.0
-            self._failures = 0
 
 
 class RegisterServicer(internal_pb2_grpc.RegisterServicer):

@@ -7,11 +7,6 @@ command the store pipelines is idempotent, so a replay is harmless).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-
-from redis.exceptions import NoScriptError
-
 # KEYS[1] = pylon:u:{uid}; ARGV[1] = session_id; ARGV[2] = instance.
 # Deletes the field only while the stored Session (protobuf) still names ARGV[2] as its instance
 # (field 3): a session that resumed on another room instance must survive the old one's cleanup.
@@ -57,29 +52,3 @@ while i <= n do
 end
 return 0
 """
-
-
-class Script:
-    __slots__ = ("text", "sha")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-    def queue(self, pipe, keys: list, args: list) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
-
-
-async def run_pipeline(redis, build: Callable[[object], None], scripts: tuple[Script, ...] = ()) -> list:
-    """Build a non-transactional pipeline with ``build(pipe)`` and execute it (one round trip)."""
-    for attempt in (0, 1):
-        pipe = redis.pipeline(transaction=False)
-        build(pipe)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            if attempt or not scripts:
-                raise
-            for s in scripts:
-                await redis.script_load(s.text)
-    raise AssertionError("unreachable")

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from google.protobuf.message import DecodeError
 
 from services.common.pb import internal_pb2
+from services.common.redis_scripts import Script, run_pipeline
 from services.register import keys
 from services.register import metrics as m
-from services.register.lua import UNREGISTER_IF_OWNED, Script, run_pipeline
+from services.register.lua import UNREGISTER_IF_OWNED
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common import metrics
+from services.common.outage import OutageLog
 from services.common.pb import internal_pb2, internal_pb2_grpc
 from services.saver import metrics as m
 from services.saver.errors import BackendUnavailable, Overloaded, RequestError
-from services.saver.outage import OutageLog
 from services.saver.store import MessageStore
 
 log = logging.getLogger(__name__)

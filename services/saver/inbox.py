@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.common.pb import internal_pb2
+from services.common.redis_scripts import run_pipeline
 from services.saver import keys
 from services.saver.keys import PENDING
-from services.saver.lua import ACK, INBOX_ADD, INBOX_ADD_MAX_PAIRS, MARK_DELIVERED, SEQ_NEXT, STORE_BODY, run_pipeline
+from services.saver.lua import ACK, INBOX_ADD, INBOX_ADD_MAX_PAIRS, MARK_DELIVERED, SEQ_NEXT, STORE_BODY
 from services.saver.validation import Ref, StoreItem
 
 _LOAD_FIELDS = ("uid", "app", "payload", "created_ms", "expires_ms", "seq", "state")

@@ -18,11 +18,11 @@ import pymysql
 from pymysql.converters import escape_string
 
 from services.common.batching import Batcher, Overloaded
+from services.common.outage import OutageLog
 from services.saver import keys
 from services.saver import metrics as m
 from services.saver.config import SaverConfig
 from services.saver.errors import BackendUnavailable
-from services.saver.outage import OutageLog
 from services.saver.validation import StoreItem
 
 log = logging.getLogger(__name__)

@@ -10,10 +10,7 @@ pipeline ran none of its scripts, and its other commands are idempotent).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
-
-from redis.exceptions import NoScriptError
+from services.common.redis_scripts import Script
 
 # KEYS[1] = pylon:seq:{uid}:{app}; ARGV = count, ttl_s. Returns the last of ``count`` new numbers.
 _SEQ_NEXT = """
@@ -68,32 +65,6 @@ end
 if v[3] == 'stored' then redis.call('HSET', KEYS[1], 'state', 'delivered') end
 return n
 """
-
-
-class Script:
-    __slots__ = ("text", "sha")
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-
-    def queue(self, pipe, keys: list, args: list) -> None:
-        pipe.evalsha(self.sha, len(keys), *keys, *args)
-
-
-async def run_pipeline(redis, build: Callable[[object], None], scripts: tuple[Script, ...] = ()) -> list:
-    """Build a non-transactional pipeline with ``build(pipe)`` and execute it (one round trip)."""
-    for attempt in (0, 1):
-        pipe = redis.pipeline(transaction=False)
-        build(pipe)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            if attempt or not scripts:
-                raise
-            for s in scripts:
-                await redis.script_load(s.text)
-    raise AssertionError("unreachable")
 
 
 ACK = Script(_ACK)

@@ -7,11 +7,11 @@ import logging
 import pytest
 
 from services.common import config
+from services.common.outage import OutageLog
 from services.common.pb import internal_pb2 as pb
 from services.saver import validation
 from services.saver.config import SaverConfig
 from services.saver.journal import insert_sql
-from services.saver.outage import OutageLog
 from services.saver.validation import RequestError
 
 CFG = SaverConfig(max_items=10, default_ttl_s=100, max_ttl_s=1000, max_payload_bytes=16)
@@ -108,7 +108,7 @@ def test_config_env_override_and_errors():
 
 def test_outage_log_writes_one_line_per_outage(caplog):
     log = OutageLog("MySQL", every_s=3600)
-    with caplog.at_level(logging.INFO, logger="services.saver"):
+    with caplog.at_level(logging.INFO, logger="services.common.outage"):
         for _ in range(100):
             log.failed(RuntimeError("MySQL unavailable: boom"))
         log.ok()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-log = logging.getLogger("services.saver")
+log = logging.getLogger(__name__)
 
 
 class OutageLog:
@@ -30,10 +30,12 @@ class OutageLog:
         self._failures += 1
         if not self._down_since:
             self._down_since = self._last_line = now
-            log.warning("%s", exc)
+            text = str(exc)  # name the backend once, whether or not the error already does
+            log.warning("%s", text if text.startswith(self.backend) else f"{self.backend} unavailable: {text}")
         elif now - self._last_line >= self.every_s:
             self._last_line = now
-            log.warning("still %s (for %.0fs, %d failures)", exc, now - self._down_since, self._failures)
+            log.warning("%s still unavailable after %.0fs (%d failures): %s", self.backend,
+                        now - self._down_since, self._failures, exc)
 
     def ok(self) -> None:
         if self._down_since:
