@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import pathlib
-import sys
-import warnings
 
 import pymysql
 from aiohttp import web
@@ -25,8 +23,8 @@ from services.center.stats import StatsCollector
 from services.center.telemetry import Tally
 from services.center.users import UserService
 from services.center.validation import Limits
-from services.common import config, ids, logs, metrics, mysql, runtime
-from services.common.config import CommonConfig, ConfigError
+from services.common import ids, metrics, mysql, runtime
+from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
 from services.common.pb import internal_pb2_grpc as rpc_pb
 from services.common.rpc import ChannelPool, ServiceClient
@@ -44,16 +42,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    try:
-        common, cfg = config.load(CenterConfig, "center", args.config, host=args.host, port=args.port,
-                                  metrics_port=args.metrics_port, admin_key=args.admin_key)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 1
-    logs.setup("center", common.log_level)
-    # MySQL notes from the idempotent migration ("database exists", "table already exists") are not news
-    warnings.filterwarnings("ignore", message=r".*(database exists|already exists)")
-    return runtime.run(lambda stop: serve(common, cfg, stop))
+    return runtime.launch("center", CenterConfig, args.config, serve, host=args.host, port=args.port,
+                          metrics_port=args.metrics_port, admin_key=args.admin_key)
 
 
 async def _republish_loop(registry: AppRegistry, every_s: float) -> None:

@@ -47,3 +47,17 @@ def redis_client(url: str, max_connections: int = 32):
 
     return aioredis.from_url(url, max_connections=max_connections, socket_connect_timeout=5,
                              health_check_interval=30, decode_responses=False)
+
+
+def launch(name: str, section_cls, config_path: str | None, serve, **overrides) -> int:
+    """The body of every service's main(): config (exit 1 with a clear line if bad), logging,
+    then ``serve(common, cfg, stop)`` on uvloop until SIGTERM/SIGINT."""
+    from services.common import config, logs
+
+    try:
+        common, cfg = config.load(section_cls, name, config_path, **overrides)
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup(name, common.log_level)
+    return run(lambda stop: serve(common, cfg, stop))

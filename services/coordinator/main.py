@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
-from services.common import config, logs, metrics, rpc, runtime
-from services.common.config import CommonConfig, ConfigError
+from services.common import metrics, rpc, runtime
+from services.common.config import CommonConfig
 from services.coordinator.config import CoordinatorConfig
 
 log = logging.getLogger("services.coordinator")
@@ -21,14 +20,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    try:
-        common, cfg = config.load(CoordinatorConfig, "coordinator", args.config, host=args.host,
-                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 1
-    logs.setup("coordinator", common.log_level)
-    return runtime.run(lambda stop: serve(common, cfg, stop))
+    return runtime.launch("coordinator", CoordinatorConfig, args.config, serve, host=args.host, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port)
 
 
 async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Event) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from services.common import config, logs, metrics, runtime
-from services.common.config import CommonConfig, ConfigError
+from services.common import metrics, runtime
+from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
 from services.dispatcher.config import DispatcherConfig
 from services.dispatcher.http_api import make_app
@@ -26,14 +25,8 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    try:
-        common, cfg = config.load(DispatcherConfig, "dispatcher", args.config, host=args.host, port=args.port,
-                                  metrics_port=args.metrics_port)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 1
-    logs.setup("dispatcher", common.log_level)
-    return runtime.run(lambda stop: serve(common, cfg, stop))
+    return runtime.launch("dispatcher", DispatcherConfig, args.config, serve, host=args.host, port=args.port,
+                          metrics_port=args.metrics_port)
 
 
 async def serve(common: CommonConfig, cfg: DispatcherConfig, stop: asyncio.Event) -> None:

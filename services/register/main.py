@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 
 log = logging.getLogger("services.register")
 
@@ -17,18 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
 
 
-def main(args: argparse.Namespace) -> int:
-    from services.common import config, logs, runtime
+def main(args) -> int:
+    from services.common import runtime
     from services.register.config import RegisterConfig
 
-    try:
-        common, cfg = config.load(RegisterConfig, "register", args.config, host=args.host,
-                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    except config.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 1
-    logs.setup("register", common.log_level)
-    return runtime.run(lambda stop: serve(common, cfg, stop))
+    return runtime.launch("register", RegisterConfig, args.config, serve, host=args.host, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port)
 
 
 async def announce_until_done(discovery, inst, stop: asyncio.Event) -> bool:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
-import warnings
 
 log = logging.getLogger("services.saver")
 
@@ -18,20 +16,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0 = any free port)")
 
 
-def main(args: argparse.Namespace) -> int:
-    from services.common import config, logs, runtime
+def main(args) -> int:
+    from services.common import runtime
     from services.saver.config import SaverConfig
 
-    try:
-        common, cfg = config.load(SaverConfig, "saver", args.config, host=args.host,
-                                  grpc_port=args.grpc_port, metrics_port=args.metrics_port)
-    except config.ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 1
-    logs.setup("saver", common.log_level)
-    # "IF NOT EXISTS" notes from the start-up DDL are expected, not news
-    warnings.filterwarnings("ignore", module="aiomysql")
-    return runtime.run(lambda stop: serve(common, cfg, stop))
+    return runtime.launch("saver", SaverConfig, args.config, serve, host=args.host, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port)
 
 
 async def _retry_until(what: str, attempt, stop: asyncio.Event):
