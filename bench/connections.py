@@ -248,19 +248,32 @@ class Worker:
         print(json.dumps({"event": "connected", "t": round(connected_at - started, 2), "held": self.held,
                           "route_s": round(routed - started, 2),
                           "failed": self.failed}), flush=True)
-        # hold: PING every heartbeat, spread evenly over the interval (one loop, no timer per connection)
+        # Hold until the parent closes our stdin (it does so hold_s after *every* worker is connected:
+        # a per-worker timer would let early workers drop their connections before the last one is
+        # done). PING every heartbeat, spread evenly over the interval: one loop, no timer per connection.
+        stop = asyncio.Event()
+        stdin = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+
+        async def wait_for_stop() -> None:
+            while await stdin.read(1024):
+                pass
+            stop.set()
+
+        stopper = loop.create_task(wait_for_stop())
         ping = encode(Op.PING)
-        hold_end = connected_at + a.hold_s
+        hard_end = connected_at + a.connect_timeout_s + a.hold_s + 60  # the parent died: stop anyway
         conns = self.conns
         slices = max(1, a.heartbeat_s * 10)
         k = 0
-        while time.monotonic() < hold_end:
+        while not stop.is_set() and time.monotonic() < hard_end:
             step = len(conns) // slices + 1
             for c in conns[(k % slices) * step:(k % slices + 1) * step]:
                 if c.transport is not None and not c.transport.is_closing():
                     c.transport.write(ping)
             k += 1
             await asyncio.sleep(0.1)
+        stopper.cancel()
         reporter.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
                           "error_kinds": self.error_kinds,
@@ -339,7 +352,7 @@ def main() -> int:
                  "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
                  "--sources", str(args.sources)],
-                stdout=subprocess.PIPE, text=True, cwd=ROOT))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
         last: dict[int, dict] = {}
         connected: dict[int, dict] = {}
         done: dict[int, dict] = {}
@@ -351,7 +364,20 @@ def main() -> int:
         full_at = None
         hard_deadline = t0 + args.connect_timeout_s + args.hold_s + 120
         cpu_full = None
+        hold_until = None
         while len(done) < len(workers) and time.monotonic() < hard_deadline:
+            if hold_until is not None and time.monotonic() >= hold_until:
+                hold_until = None
+                c0, _cl0, t_h = result.pop("_cpu_hold0")
+                elapsed = time.monotonic() - t_h
+                result["hold_s_measured"] = round(elapsed, 1)
+                result["server_cpu_pct_hold"] = round(
+                    100 * (sum(cpu_s(pid) for pid in server_pids) - sum(c0.values())) / max(1e-9, elapsed), 1)
+                result["client_cpu_pct_hold"] = round(
+                    100 * (sum(cpu_s(w.pid) for w in workers) - _cl0) / max(1e-9, elapsed), 1)
+                result["sessions_in_register_end_of_hold"] = _count_sessions(cluster)
+                for wp in workers:
+                    wp.stdin.close()  # end of the hold for every worker at once
             for key, _ in sel.select(timeout=1):
                 line = key.fileobj.readline()
                 if not line:
@@ -392,13 +418,7 @@ def main() -> int:
                 cpu_hold0 = ({pid: cpu_s(pid) for pid in server_pids}, sum(cpu_s(w.pid) for w in workers),
                              time.monotonic())
                 result["_cpu_hold0"] = cpu_hold0
-        if "_cpu_hold0" in result:
-            c0, cl0, t_h = result.pop("_cpu_hold0")
-            # workers exit right after "done": their CPU is read from the last sample we could take
-            elapsed = time.monotonic() - t_h
-            result["hold_s_measured"] = round(elapsed, 1)
-            result["server_cpu_pct_hold"] = round(
-                100 * (sum(cpu_s(pid) for pid in server_pids) - sum(c0.values())) / max(1e-9, elapsed), 1)
+                hold_until = time.monotonic() + args.hold_s
         result["held_at_end"] = sum(d.get("held", 0) for d in done.values())
         result["pongs_during_hold"] = sum(d.get("pongs", 0) for d in done.values())
         result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
