@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -97,12 +98,13 @@ def restore_sysctls(previous: dict) -> None:
 class BenchConn:
     """Lean client connection: counts AUTH_OK, answers nothing, pings on the worker's schedule."""
 
-    __slots__ = ("transport", "worker", "authed")
+    __slots__ = ("transport", "worker", "authed", "retry_ms")
 
     def __init__(self, worker) -> None:
         self.worker = worker
         self.transport = None
         self.authed = False
+        self.retry_ms = 0  # set from an ERROR's retry_after_ms: come back later, like the SDK
 
     def connection_made(self, transport):
         self.transport = transport
@@ -118,7 +120,7 @@ class BenchConn:
                 self.authed = True
                 w.on_auth_ok(self)
             elif op == 13:
-                w.on_error(data[pos + 12:pos + length])
+                self.retry_ms = w.on_error(data[pos + 12:pos + length])
             elif op == 4:
                 w.pongs += 1
             if length < 12:
@@ -148,6 +150,7 @@ class Worker:
         self.lost = 0
         self.conns: list[BenchConn] = []
         self.error_kinds: dict[str, int] = {}
+        self.retries = 0
         self._inflight = asyncio.Semaphore(args.inflight)
         self._waiters: dict[BenchConn, asyncio.Future] = {}
 
@@ -157,16 +160,19 @@ class Worker:
         if fut and not fut.done():
             fut.set_result(True)
 
-    def on_error(self, body: bytes) -> None:
+    def on_error(self, body: bytes) -> int:
         from services.common.pb import client_pb2 as cpb
 
         self.errors += 1
+        retry_ms = 0
         try:
             err = cpb.Error.FromString(body)
             key = f"{err.code}:{err.message[:60]}"
+            retry_ms = err.retry_after_ms
         except Exception:
             key = "undecodable"
         self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
+        return retry_ms
 
     def on_lost(self, conn):
         if conn.authed:
@@ -211,27 +217,41 @@ class Worker:
         async def one(i: int) -> None:
             uid = f"bench-{a.uid_start + i}"
             async with self._inflight:
-                if time.monotonic() > deadline:
-                    return
-                try:
-                    room = routes[uid]
-                    token, _ = tokens.sign(a.secret, uid, a.app, 3600)
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                    sock.bind((sources[i % len(sources)], 0))
-                    sock.setblocking(False)
-                    await loop.sock_connect(sock, (room["host"], room["port"]))
-                    _, conn = await loop.create_connection(lambda: BenchConn(self), sock=sock)
-                    fut = loop.create_future()
-                    self._waiters[conn] = fut
-                    conn.transport.write(encode(Op.AUTH, cpb.Auth(
-                        token=token, uid=uid, net="wifi", heartbeat_hint_s=a.heartbeat_s).SerializeToString(), 1))
-                    if await asyncio.wait_for(fut, 30):
-                        self.conns.append(conn)
-                    else:
-                        self.failed += 1
-                except (TimeoutError, OSError, KeyError, IndexError, aiohttp.ClientError):
-                    self.failed += 1
+                for _attempt in range(a.attempts):
+                    if time.monotonic() > deadline:
+                        return
+                    retry_ms = await attempt(i, uid)
+                    if retry_ms <= 0:
+                        return
+                    self.retries += 1
+                    # refused with a retry-after: come back later with full jitter, as the SDK does
+                    await asyncio.sleep(retry_ms / 1000 * (1 + random.random()))
+                self.failed += 1
+
+        async def attempt(i: int, uid: str) -> int:
+            """0 when done (held or failed for good), else the server's retry-after in ms."""
+            try:
+                room = routes[uid]
+                token, _ = tokens.sign(a.secret, uid, a.app, 3600)
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((sources[i % len(sources)], 0))
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (room["host"], room["port"]))
+                _, conn = await loop.create_connection(lambda: BenchConn(self), sock=sock)
+                fut = loop.create_future()
+                self._waiters[conn] = fut
+                conn.transport.write(encode(Op.AUTH, cpb.Auth(
+                    token=token, uid=uid, net="wifi", heartbeat_hint_s=a.heartbeat_s).SerializeToString(), 1))
+                if await asyncio.wait_for(fut, 60):
+                    self.conns.append(conn)
+                    return 0
+                if conn.retry_ms:
+                    return conn.retry_ms
+            except (TimeoutError, OSError, KeyError, IndexError, aiohttp.ClientError):
+                pass
+            self.failed += 1
+            return 0
 
         async def report_loop():
             while True:
@@ -276,7 +296,7 @@ class Worker:
         stopper.cancel()
         reporter.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
-                          "error_kinds": self.error_kinds,
+                          "error_kinds": self.error_kinds, "retries": self.retries,
                           "failed": self.failed, "errors": self.errors}), flush=True)
         for c in conns:
             if c.transport is not None:
@@ -300,6 +320,7 @@ def main() -> int:
     p.add_argument("--inflight", type=int, default=200, help="handshakes in flight per worker")
     p.add_argument("--connect-timeout-s", type=float, default=900)
     p.add_argument("--sources", type=int, default=32, help="loopback source addresses")
+    p.add_argument("--attempts", type=int, default=6, help="connect attempts per uid when refused with a retry-after")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the services, e.g. PYLON_ROOM_BATCH_DELAY_MS=10")
@@ -351,7 +372,7 @@ def main() -> int:
                  "--dispatcher", cluster.dispatcher_url, "--app", app["id"], "--secret", app["secret"],
                  "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
-                 "--sources", str(args.sources)],
+                 "--sources", str(args.sources), "--attempts", str(args.attempts)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
         last: dict[int, dict] = {}
         connected: dict[int, dict] = {}
@@ -423,6 +444,7 @@ def main() -> int:
         result["pongs_during_hold"] = sum(d.get("pongs", 0) for d in done.values())
         result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
         result["server_errors"] = sum(d.get("errors", 0) for d in done.values())
+        result["retries"] = sum(d.get("retries", 0) for d in done.values())
         kinds: dict[str, int] = {}
         for d in done.values():
             for k, v in d.get("error_kinds", {}).items():

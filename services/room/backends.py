@@ -23,7 +23,8 @@ class RoomBackends:
         self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s)
         self.saver_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s)
         self.coordinator_client = ServiceClient(discovery, pool, "coordinator", igrpc.CoordinatorStub, deadline_s)
-        kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000)
+        kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000,
+                  max_concurrent_flushes=cfg.max_flushes_in_flight)
         self.register = Batcher("room_register", self._register, max_pending=cfg.max_pending_auth, **kw)
         self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **kw)
         self.load_inbox = Batcher("room_load_inbox", self._load_inbox, max_pending=cfg.max_pending_auth, **kw)

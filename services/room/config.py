@@ -36,6 +36,8 @@ class RoomConfig:
     # costs 172 us of server CPU per connect (2 ms: 272 us), at +10 ms on AUTH_OK, acks and upstream.
     batch_delay_ms: float = 10.0
     max_batch: int = 500
+    # Batches in flight per backend queue; while all are out, the next batch keeps filling.
+    max_flushes_in_flight: int = 1  # 100k connect storm: server CPU per connect 364 -> 306 us vs 4
     max_pending_auth: int = 20_000  # handshakes waiting on register; past it AUTH gets OVERLOADED
     overload_retry_ms: int = 2_000
     drain_timeout_s: float = 10.0
@@ -53,6 +55,7 @@ class RoomConfig:
         require(self.handshake_timeout_s >= 1, "room.handshake_timeout_s", "must be >= 1")
         require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
         require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
+        require(self.max_flushes_in_flight >= 1, "room.max_flushes_in_flight", "must be >= 1")
 
     def heartbeat_for(self, net: str) -> int:
         if net == "wifi" or net == "ethernet":
