@@ -95,8 +95,8 @@ class LocalCluster:
         pids = os.path.join(self.var, "pids")
         p, h = self.ports, self.host
 
-        def start(name: str, args: list[str], wait: list[tuple[str, int]]) -> None:
-            self.services[name] = procs.start(name, args, env, logs, wait_for=wait, pid_dir=pids, timeout_s=60)
+        def start(name: str, args: list[str], wait: list[tuple[str, int]], timeout_s: float = 60) -> None:
+            self.services[name] = procs.start(name, args, env, logs, wait_for=wait, pid_dir=pids, timeout_s=timeout_s)
 
         try:
             start("register", ["register", "--host", h, "--grpc-port", str(p.register)], [(h, p.register)])
@@ -105,24 +105,36 @@ class LocalCluster:
             start("center", ["center", "--host", h, "--port", str(p.center)], [(h, p.center)])
             start("dispatcher", ["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)])
             start("room", ["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
-                           "--instances", str(self.room_instances)], self.room_addresses)
+                           "--instances", str(self.room_instances)], self.room_addresses,
+                  timeout_s=60 + 2 * self.room_instances)
             self._wait_discovered()
         except Exception:
             self.stop()
             raise
 
-    def _wait_discovered(self, timeout_s: float = 30) -> None:
-        """Until the dispatcher hands out every room instance (each registered in discovery)."""
+    def _wait_discovered(self) -> None:
+        """Until every room instance is live in discovery and the dispatcher hands out rooms."""
+        import redis
+
+        timeout_s = 30 + self.room_instances  # ~1 s of CPU per instance start-up on 2 cores
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.dispatcher_url}/v1/route?uid=probe&count=32", timeout=2) as r:
-                    if len(json.load(r)["rooms"]) >= self.room_instances:
-                        return
-            except (urllib.error.URLError, OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.2)
+        client = redis.Redis.from_url(self.common.redis_url)
+        try:
+            while time.monotonic() < deadline:
+                live = client.zcount("pylon:disc:room", int(time.time() * 1000), "+inf")
+                if live >= self.room_instances and self._dispatcher_answers():
+                    return
+                time.sleep(0.2)
+        finally:
+            client.close()
         raise RuntimeError("room instances did not appear in discovery; see logs in " + os.path.join(self.var, "logs"))
+
+    def _dispatcher_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.dispatcher_url}/v1/route?uid=probe", timeout=2) as r:
+                return bool(json.load(r)["rooms"])
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            return False
 
     def api(self, method: str, path: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
