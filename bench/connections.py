@@ -68,10 +68,11 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def set_sysctls() -> tuple[dict, dict]:
-    """Apply SYSCTLS; return (what was applied, the previous values to restore)."""
+def set_sysctls(keys) -> tuple[dict, dict]:
+    """Apply SYSCTLS[keys]; return (what was applied, the previous values to restore)."""
     applied, previous = {}, {}
-    for key, value in SYSCTLS.items():
+    for key in keys:
+        value = SYSCTLS[key]
         path = "/proc/sys/" + key.replace(".", "/")
         try:
             with open(path) as fh:
@@ -198,16 +199,18 @@ class Worker:
         started = time.monotonic()
 
         routes: dict[str, dict] = {}
+        route_slots = asyncio.Semaphore(2)  # route requests in flight per worker
 
         async def fetch_routes(first: int, n: int) -> None:
             # one dispatcher request per 500 uids: per-connection HTTP would cost more than the connection
             uids = [f"bench-{a.uid_start + i}" for i in range(first, first + n)]
             for attempt in range(8):  # the dispatcher is one process sharing 2 cores with everything
                 try:
-                    async with http.post(f"{a.dispatcher}/v1/routes", json={"uids": uids, "count": 1}) as r:
+                    async with route_slots, http.post(f"{a.dispatcher}/v1/routes", json={"uids": uids, "count": 1},
+                                                      timeout=aiohttp.ClientTimeout(total=120)) as r:
                         body = await r.json()
                     break
-                except (aiohttp.ClientError, ValueError):
+                except (aiohttp.ClientError, ValueError, TimeoutError):
                     await asyncio.sleep(0.2 * 2 ** attempt)
             else:
                 return  # these uids count as failed connects
@@ -340,7 +343,8 @@ def main() -> int:
 
     n = args.connections
     rooms = args.rooms or RoomConfig(instances=0, target_connections=n).instance_count()
-    sysctls, previous_sysctls = set_sysctls()
+    # the listen backlog is capped by somaxconn when the rooms listen: set these first
+    sysctls, previous_sysctls = set_sysctls([k for k in SYSCTLS if k != "net.ipv4.ip_local_port_range"])
     tmp = tempfile.mkdtemp(prefix="pylon-bench-")
     cluster = LocalCluster(tmp, Ports.free(rooms), room_instances=rooms,
                            env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535",
@@ -350,6 +354,12 @@ def main() -> int:
     workers: list[subprocess.Popen] = []
     try:
         cluster.start()
+        # widen the ephemeral range only now that every service port is bound: before, an
+        # outgoing socket could take a port a room instance was about to listen on
+        more, before = set_sysctls(["net.ipv4.ip_local_port_range"])
+        sysctls.update(more)
+        previous_sysctls.update(before)
+        result["sysctls"] = sysctls
         app = cluster.create_demo_app()
         room_pids = children(cluster.services["room"].pid) or [cluster.services["room"].pid]
         server_pids = room_pids + [cluster.services[s].pid for s in ("register", "saver", "coordinator", "center",

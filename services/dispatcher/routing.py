@@ -71,6 +71,18 @@ def hrw_score(uid: str, instance_id: str) -> int:
     return _h64(b"pylon-hrw", uid, instance_id)
 
 
+def _scores(person: bytes, uid: str, instance_ids: Sequence[str]) -> list[int]:
+    """``_h64`` for one uid and many instances: the uid's prefix is hashed once and the hasher
+    copied per instance (same digests, ~3x cheaper than a new hasher each)."""
+    base = hashlib.blake2b(f"{uid}\x00".encode(), digest_size=8, person=person)
+    out = []
+    for instance_id in instance_ids:
+        h = base.copy()
+        h.update(instance_id.encode())
+        out.append(int.from_bytes(h.digest(), "big"))
+    return out
+
+
 def tie_break(uid: str, instance_id: str) -> int:
     return _h64(b"pylon-tie", uid, instance_id)
 
@@ -101,17 +113,23 @@ def is_full(room: Instance) -> bool:
     return room.capacity > 0 and room.load >= room.capacity
 
 
-def order_rooms(uid: str, rooms: Sequence[Instance], load_step: float = 0.05) -> list[Instance]:
-    """Sticky room first, then the rest by load (in ``load_step`` buckets), per-uid tie-break."""
+def order_rooms(uid: str, rooms: Sequence[Instance], load_step: float = 0.05, count: int = 0) -> list[Instance]:
+    """Sticky room first, then the rest by load (in ``load_step`` buckets), per-uid tie-break.
+    ``count`` = 1 skips ordering the rest (the answer is the sticky room alone)."""
     if not rooms:
         return []
-    by_score = sorted(rooms, key=lambda r: (hrw_score(uid, r.id), r.id), reverse=True)
+    scores = _scores(b"pylon-hrw", uid, [r.id for r in rooms])
+    by_score = [r for _, _, r in sorted(zip(scores, (r.id for r in rooms), rooms, strict=True),
+                                        key=lambda t: (t[0], t[1]), reverse=True)]
     # a full room would refuse the connection; the next HRW choice is just as sticky for this uid
     sticky = next((r for r in by_score if not is_full(r)), by_score[0])
+    if count == 1:
+        return [sticky]
     rest = [r for r in rooms if r is not sticky]
+    ties = dict(zip((r.id for r in rest), _scores(b"pylon-tie", uid, [r.id for r in rest]), strict=True))
     # rooms on another host than the sticky one come first within a load bucket: if that host
     # is down, the second address must not be on it too
-    rest.sort(key=lambda r: (int(load_ratio(r) / load_step), r.host == sticky.host, tie_break(uid, r.id), r.id))
+    rest.sort(key=lambda r: (int(load_ratio(r) / load_step), r.host == sticky.host, ties[r.id], r.id))
     return [sticky, *rest]
 
 
@@ -134,7 +152,7 @@ def choose(rooms: Iterable[Instance], query: RouteQuery, load_step: float = 0.05
             usable = local
         else:
             region_fallback = True
-    return Route(order_rooms(query.uid, usable, load_step)[:query.count], region_fallback, all_excluded)
+    return Route(order_rooms(query.uid, usable, load_step, query.count)[:query.count], region_fallback, all_excluded)
 
 
 # ---------------------------------------------------------------- query parsing

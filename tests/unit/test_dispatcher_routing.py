@@ -176,3 +176,12 @@ def test_normalize_address_and_view():
     view = route_view(choose([room(0)], RouteQuery(uid="x")))
     assert view == {"rooms": [{"host": "10.0.0.1", "port": 7000, "instance": "room-10.0.0.1:7000", "region": "eu"}],
                     "region_fallback": False, "all_excluded": False}
+
+
+def test_batched_scores_equal_single_scores():
+    from services.dispatcher import routing
+
+    ids = [f"room-10.0.0.{i}:7000" for i in range(20)]
+    for uid in ("alice", "bob", "ü-ñ", ""):
+        assert routing._scores(b"pylon-hrw", uid, ids) == [routing.hrw_score(uid, i) for i in ids]
+        assert routing._scores(b"pylon-tie", uid, ids) == [routing.tie_break(uid, i) for i in ids]
