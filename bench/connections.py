@@ -451,7 +451,7 @@ def main() -> int:
                 result["_cpu_hold0"] = cpu_hold0
                 hold_until = time.monotonic() + args.hold_s
         result["held_at_end"] = sum(d.get("held", 0) for d in done.values())
-        result["pongs_during_hold"] = sum(d.get("pongs", 0) for d in done.values())
+        result["pongs_total"] = sum(d.get("pongs", 0) for d in done.values())
         result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
         result["server_errors"] = sum(d.get("errors", 0) for d in done.values())
         result["retries"] = sum(d.get("retries", 0) for d in done.values())
