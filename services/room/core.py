@@ -305,6 +305,9 @@ class RoomInstance:
 
     def _registered(self, conn: ClientConnection, seq: int, err: BaseException | None) -> None:
         if err is not None:
+            # The call failed on our side (deadline, connection) but register may still have written
+            # the session: take it back out. Unregister only removes it while this instance owns it.
+            self._submit(self.backends.unregister, self._session(conn))
             if conn.state == AUTHENTICATING:
                 self.fail(conn, ErrorCode.UNAVAILABLE, "session store unavailable, retry later",
                           self.cfg.overload_retry_ms, seq=seq)
