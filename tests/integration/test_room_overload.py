@@ -20,7 +20,7 @@ async def test_handshake_storm_past_the_bound_gets_overloaded_with_retry_after(c
     port, grpc_port, metrics_port = backing.free_port(), backing.free_port(), backing.free_port()
     # at most 2 handshakes may wait on register, and they wait 200 ms for company
     env = procs.common_env(cluster.common, {**TEST_ENV, "PYLON_ROOM_MAX_PENDING_AUTH": "2",
-                                            "PYLON_ROOM_BATCH_DELAY_MS": "200"})
+                                            "PYLON_ROOM_CONNECT_BATCH_DELAY_MS": "200"})
     room = procs.start("room-overload", ["room", "--host", cluster.host, "--port", str(port), "--grpc-port",
                                          str(grpc_port), "--metrics-port", str(metrics_port), "--instances", "1"],
                        env, os.path.join(cluster.var, "logs"), wait_for=[(cluster.host, port)])
