@@ -42,11 +42,36 @@ def run(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     return 0
 
 
-def redis_client(url: str, max_connections: int = 32):
+def redis_client(url: str, max_connections: int = 32, fail_fast: bool = False):
+    """``fail_fast``: give up within ~0.1 s while Redis is down, so that the caller's own callers
+    get UNAVAILABLE well before their deadlines (redis-py's default retries take seconds)."""
     import redis.asyncio as aioredis
 
-    return aioredis.from_url(url, max_connections=max_connections, socket_connect_timeout=5,
-                             health_check_interval=30, decode_responses=False)
+    client = aioredis.from_url(url, max_connections=max_connections, socket_connect_timeout=5,
+                               health_check_interval=30, decode_responses=False)
+    if fail_fast:
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+
+        client.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    return client
+
+
+async def retry_until_stopped(what: str, attempt, stop: asyncio.Event):
+    """``await attempt()`` until it succeeds (a warning on each failure, backing off to 5 s);
+    None if ``stop`` is set first."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            return await attempt()
+        except Exception as exc:
+            log.warning("%s failed (retrying in %.1fs): %s", what, delay, exc)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+    return None
 
 
 def launch(name: str, section_cls, config_path: str | None, serve, **overrides) -> int:

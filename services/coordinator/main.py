@@ -26,8 +26,6 @@ def main(args) -> int:
 
 async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Event) -> None:
     import grpc
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
     from redis.exceptions import RedisError
 
     from services.common.apps import AppDirectory
@@ -39,9 +37,7 @@ async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Even
     from services.coordinator.webhook_http import AiohttpTransport
     from services.coordinator.webhooks import DeliverySettings, WebhookDelivery
 
-    redis = runtime.redis_client(common.redis_url)
-    # fail fast while Redis is down so a room's Upstream call gets UNAVAILABLE well before its deadline
-    redis.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    redis = runtime.redis_client(common.redis_url, fail_fast=True)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
     pool = rpc.ChannelPool(common.rpc_channels_per_target)
     transport = AiohttpTransport(cfg.webhook_timeout_s, cfg.webhook_connect_timeout_s, cfg.webhook_connections,

@@ -24,36 +24,14 @@ def main(args) -> int:
                           metrics_port=args.metrics_port)
 
 
-async def announce_until_done(discovery, inst, stop: asyncio.Event) -> bool:
-    """Announce in discovery, retrying while Redis is unreachable; False if stopped first."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await discovery.announce(inst)
-            return True
-        except Exception as exc:
-            log.warning("cannot announce in discovery yet (retrying in %.1fs): %s", delay, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, 5.0)
-    return False
-
-
 async def serve(common, cfg, stop: asyncio.Event) -> None:
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
-
     from services.common import metrics, rpc, runtime
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
     from services.register.grpc_adapter import RegisterServicer
     from services.register.store import SessionStore
 
-    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections)
-    # fail within ~0.1 s when Redis is down, so callers get UNAVAILABLE before their deadline
-    redis.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections, fail_fast=True)
     store = SessionStore(redis, max_items=cfg.max_items, drop_chunk=cfg.drop_chunk)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
 
@@ -66,8 +44,9 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
     log.info("register serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
     try:
-        if await announce_until_done(discovery, inst, stop):
-            await stop.wait()
+        # Redis may not be up yet: keep trying until it is, or until we are told to stop
+        await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)
+        await stop.wait()
     finally:
         log.info("register stopping")
         try:

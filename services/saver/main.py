@@ -24,27 +24,7 @@ def main(args) -> int:
                           metrics_port=args.metrics_port)
 
 
-async def _retry_until(what: str, attempt, stop: asyncio.Event):
-    """``await attempt()`` until it succeeds (warning on each failure, backing off to 5 s);
-    None if ``stop`` is set first."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            return await attempt()
-        except Exception as exc:
-            log.warning("%s failed (retrying in %.1fs): %s", what, delay, exc)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except TimeoutError:
-                pass
-            delay = min(delay * 2, 5.0)
-    return None
-
-
 async def serve(common, cfg, stop: asyncio.Event) -> None:
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialBackoff
-
     from services.common import metrics, mysql, rpc, runtime
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
@@ -53,9 +33,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.saver.journal import MessageJournal
     from services.saver.store import MessageStore
 
-    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections)
-    # fail within ~0.1 s when Redis is down, so callers get UNAVAILABLE before their deadline
-    redis.set_retry(Retry(ExponentialBackoff(cap=0.05, base=0.01), 2))
+    redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections, fail_fast=True)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
     metrics_server = await metrics.serve(cfg.host, cfg.metrics_port)
     metrics_port = metrics.bound_port(metrics_server)
@@ -70,7 +48,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
             raise
         return pool
 
-    pool = await _retry_until(f"MySQL {common.mysql_host}:{common.mysql_port} connect/migrate", open_mysql, stop)
+    pool = await runtime.retry_until_stopped(f"MySQL {common.mysql_host}:{common.mysql_port} connect/migrate", open_mysql, stop)
     if pool is None:
         metrics_server.close()
         await redis.aclose()
@@ -87,7 +65,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
     log.info("saver serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
     try:
-        await _retry_until("announce in discovery", lambda: discovery.announce(inst), stop)
+        await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)
         await stop.wait()
     finally:
         log.info("saver stopping")

@@ -6,15 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.common.apps import valid_app_id
+from services.common.requests import MAX_UID_LEN, RequestError, check_count, check_uid  # noqa: F401 (callers import them from here)
 from services.saver.config import SaverConfig
 
-MAX_UID_LEN = 128  # messages.uid is VARCHAR(128)
 MAX_APPS_PER_KEY = 64
 MAX_MSG_ID = (1 << 64) - 1
-
-
-class RequestError(Exception):
-    """The caller sent a request the saver refuses (gRPC INVALID_ARGUMENT)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,18 +29,6 @@ class Ref:
     uid: str
     app: str
     msg_id: int
-
-
-def check_count(what: str, n: int, max_items: int) -> None:
-    if n > max_items:
-        raise RequestError(f"{what}: {n} items in one request, the limit is {max_items}; split the batch")
-
-
-def check_uid(uid: str) -> None:
-    if not uid:
-        raise RequestError("uid must not be empty")
-    if len(uid) > MAX_UID_LEN:
-        raise RequestError(f"uid {uid[:32]!r}... is longer than {MAX_UID_LEN} characters")
 
 
 def check_app(app: str) -> None:
