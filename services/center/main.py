@@ -115,10 +115,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event) ->
     finally:
         log.info("center stopping")
         republisher.cancel()
-        try:
-            await discovery.withdraw()
-        except RedisError as exc:
-            log.warning("could not withdraw from discovery (peers drop us after the TTL): %s", exc)
+        await discovery.withdraw()
         await discovery.close()
         await runner.cleanup()
         if metrics_server is not None:

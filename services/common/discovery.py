@@ -72,6 +72,7 @@ class Discovery:
             self._task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def withdraw(self, inst: Instance | None = None) -> None:
+        """Leave discovery now. Never raises: if Redis is unreachable the records expire by TTL."""
         targets = [inst] if inst else list(self._mine.values())
         if inst is None and self._task is not None:
             self._task.cancel()
@@ -81,7 +82,10 @@ class Discovery:
             self._mine.pop((i.service, i.id), None)
             pipe.zrem(_zkey(i.service), i.id)
             pipe.hdel(_hkey(i.service), i.id)
-        await pipe.execute()
+        try:
+            await pipe.execute()
+        except Exception as exc:  # shutting down with Redis away must still shut down
+            log.warning("could not withdraw from discovery (peers drop us after the TTL): %s", exc)
 
     async def _beat(self) -> None:
         expires = int((time.time() + self.ttl_s) * 1000)

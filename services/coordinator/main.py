@@ -81,10 +81,7 @@ async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Even
         await stop.wait()
     finally:
         log.info("coordinator stopping")
-        try:
-            await discovery.withdraw()
-        except RedisError as exc:
-            log.warning("could not withdraw from discovery (peers drop us after the TTL): %s", exc)
+        await discovery.withdraw()
         # in-flight RPCs finish first; then queued events get the rest of the grace period
         await server.stop(min(2.0, cfg.shutdown_grace_s))
         await delivery.close(cfg.shutdown_grace_s)

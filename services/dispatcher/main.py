@@ -57,10 +57,7 @@ async def serve(common: CommonConfig, cfg: DispatcherConfig, stop: asyncio.Event
         await stop.wait()
     finally:
         log.info("dispatcher stopping")
-        try:
-            await discovery.withdraw()
-        except RedisError as exc:
-            log.warning("could not withdraw from discovery (peers drop us after the TTL): %s", exc)
+        await discovery.withdraw()
         await discovery.close()
         await runner.cleanup()
         if metrics_server is not None:

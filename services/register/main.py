@@ -49,10 +49,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         log.info("register stopping")
-        try:
-            await discovery.withdraw()
-        except Exception as exc:
-            log.warning("discovery withdraw failed: %s", exc)
+        await discovery.withdraw()
         await discovery.close()
         await server.stop(cfg.shutdown_grace_s)
         metrics_server.close()

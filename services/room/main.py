@@ -128,7 +128,11 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     room.draining = True
     await discovery.withdraw()
     server.close()
-    others = [i for i in await discovery.instances("room", fresh=True) if i.id != instance_id and not i.draining]
+    try:
+        others = [i for i in await discovery.instances("room", fresh=True) if i.id != instance_id and not i.draining]
+    except Exception as exc:  # Redis away: clients still get RECONNECT and ask the dispatcher
+        log.warning("no other room addresses for the drain: %s", exc)
+        others = []
     addresses = [f"{i.host}:{i.port}" for i in others[:8]]
     frame = encode(Op.COMMAND, cpb.Command(kind="RECONNECT", addresses=addresses).SerializeToString())
     room.close_all(lambda _c: frame)

@@ -69,10 +69,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         await stop.wait()
     finally:
         log.info("saver stopping")
-        try:
-            await discovery.withdraw()
-        except Exception as exc:
-            log.warning("discovery withdraw failed: %s", exc)
+        await discovery.withdraw()
         await discovery.close()
         await server.stop(cfg.shutdown_grace_s)
         await journal.close(cfg.shutdown_grace_s)
