@@ -384,7 +384,6 @@ def main() -> int:
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
                  "--sources", str(args.sources), "--attempts", str(args.attempts)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
-        last: dict[int, dict] = {}
         connected: dict[int, dict] = {}
         done: dict[int, dict] = {}
         import selectors
@@ -421,8 +420,7 @@ def main() -> int:
                     connected[i] = msg
                 elif msg.get("event") == "done":
                     done[i] = msg
-                else:
-                    last[i] = msg
+                # other lines are per-second progress; only the phase events matter here
             if full_at is None and len(connected) == len(workers):
                 full_at = time.monotonic()
                 cpu_full = ({pid: cpu_s(pid) for pid in server_pids}, sum(cpu_s(w.pid) for w in workers))

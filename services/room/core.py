@@ -79,15 +79,15 @@ class RoomInstance:
             except Exception:
                 log.exception("heartbeat wheel tick failed")
 
-    def close_all(self, make_frame: Callable[[ClientConnection], bytes] | None = None,
-                  reason: ErrorCode | None = None) -> int:
-        n = 0
-        for conn in list(self.connections):
-            if make_frame is not None and conn.transport is not None and not conn.transport.is_closing():
-                conn.transport.write(make_frame(conn))
+    def drain(self, frame: bytes) -> int:
+        """Write ``frame`` (COMMAND RECONNECT) to every connection and close it; returns how many."""
+        conns = list(self.connections)
+        for conn in conns:
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.write(frame)
             self.close(conn)
-            n += 1
-        return n
+        m.closed_drain.inc(len(conns))
+        return len(conns)
 
     async def stop(self) -> None:
         if self._tick_task:

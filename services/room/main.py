@@ -135,7 +135,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         others = []
     addresses = [f"{i.host}:{i.port}" for i in others[:8]]
     frame = encode(Op.COMMAND, cpb.Command(kind="RECONNECT", addresses=addresses).SerializeToString())
-    room.close_all(lambda _c: frame)
+    room.drain(frame)
     await backends.drain(cfg.drain_timeout_s)
     await room.stop()
     await grpc_server.stop(grace=1.0)
