@@ -101,7 +101,7 @@ class RoomInstance:
         if self.draining:
             self.fail(conn, ErrorCode.UNAVAILABLE, "instance is draining", retry_after_ms=100)
             return
-        conn.deadline = int(self.clock()) + self.cfg.handshake_timeout_s
+        conn.deadline = self._deadline(self.cfg.handshake_timeout_s)
         self.wheel.add(conn)
 
     def on_lost(self, conn: ClientConnection) -> None:
@@ -385,10 +385,18 @@ class RoomInstance:
         return cur if isinstance(cur, list) else [cur]
 
     # ------------------------------------------------------------------ heartbeat
+    def _deadline(self, seconds: float) -> int:
+        """The wheel second at which a connection silent for ``seconds`` from now is closed. The
+        wheel expires a deadline when its second begins, so round up: never early, at most 1 s late."""
+        return int(self.clock() + seconds) + 1
+
+    def _silence_deadline(self, conn: ClientConnection) -> int:
+        return self._deadline(conn.heartbeat_s * 1.5 + self.cfg.heartbeat_grace_s)
+
     def _arm(self, conn: ClientConnection) -> None:
         """Switch from the handshake deadline to the heartbeat deadline. The connection is already
         on the wheel; only a deadline earlier than its bucket needs a second entry there."""
-        deadline = int(self.clock()) + conn.heartbeat_s * 3 // 2 + self.cfg.heartbeat_grace_s
+        deadline = self._silence_deadline(conn)
         earlier = deadline < conn.deadline
         conn.deadline = deadline
         if earlier:
@@ -400,7 +408,7 @@ class RoomInstance:
             if proposed:
                 conn.heartbeat_s = self.cfg.clamp_heartbeat(proposed)
         # a later deadline; the wheel re-files the connection when its old bucket comes due
-        conn.deadline = int(self.clock()) + conn.heartbeat_s * 3 // 2 + self.cfg.heartbeat_grace_s
+        conn.deadline = self._silence_deadline(conn)
         body = self._pong_bodies.get(conn.heartbeat_s)
         if body is None:
             body = self._pong_bodies[conn.heartbeat_s] = cpb.Pong(heartbeat_s=conn.heartbeat_s).SerializeToString()
