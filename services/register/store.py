@@ -32,9 +32,12 @@ class SessionStore:
             return 0
 
         def build(pipe) -> None:
+            members: dict[str, list[str]] = {}  # one SADD per instance, not per session
             for s in sessions:
                 pipe.hset(keys.user_key(s.uid), s.session_id, s.SerializeToString())
-                pipe.sadd(keys.instance_key(s.instance), keys.member(s.uid, s.session_id))
+                members.setdefault(s.instance, []).append(keys.member(s.uid, s.session_id))
+            for instance, names in members.items():
+                pipe.sadd(keys.instance_key(instance), *names)
 
         await run_pipeline(self._redis, build)
         m.REGISTERED.inc(len(sessions))
@@ -48,12 +51,15 @@ class SessionStore:
         script = self._unregister
 
         def build(pipe) -> None:
+            members: dict[str, list[str]] = {}  # one SREM per instance, after the scripts
             for s in sessions:
                 script.queue(pipe, [keys.user_key(s.uid)], [s.session_id, s.instance])
-                pipe.srem(keys.instance_key(s.instance), keys.member(s.uid, s.session_id))
+                members.setdefault(s.instance, []).append(keys.member(s.uid, s.session_id))
+            for instance, names in members.items():
+                pipe.srem(keys.instance_key(instance), *names)
 
         results = await run_pipeline(self._redis, build, (script,))
-        removed = sum(int(r) for r in results[0::2])
+        removed = sum(int(r) for r in results[:len(sessions)])
         m.UNREGISTERED.labels("unregister").inc(removed)
         return removed
 
@@ -73,9 +79,10 @@ class SessionStore:
                 for uid, fields in zip(uids, results, strict=True)]
 
     @staticmethod
-    def _parse(uid: str, fields: dict) -> list[internal_pb2.Session]:
+    def _parse(uid: str, fields: dict | list) -> list[internal_pb2.Session]:
         out = []
-        for raw in fields.values():
+        # HGETALL's raw reply: a map under RESP3, a flat field, value ... list under RESP2
+        for raw in (fields.values() if isinstance(fields, dict) else fields[1::2]):
             s = internal_pb2.Session()
             try:
                 s.ParseFromString(raw)
