@@ -8,7 +8,6 @@ implementation exists so that the room verifies without importing a JWT library 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import json
 import time
@@ -42,7 +41,7 @@ def sign(secret: str, uid: str, app: str, ttl_s: int, device_id: str = "", now: 
         claims["dev"] = device_id
     payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
     signing_input = _HEADER + b"." + payload
-    sig = _b64(hmac.new(secret.encode(), signing_input, hashlib.sha256).digest())
+    sig = _b64(hmac.digest(secret.encode(), signing_input, "sha256"))
     return (signing_input + b"." + sig).decode(), exp
 
 
@@ -84,7 +83,7 @@ class ParsedToken:
                 raise TokenError("token header is not JSON") from exc
             if not isinstance(header, dict) or header.get("alg") != "HS256":
                 raise TokenError("token algorithm must be HS256")
-        expected = _b64(hmac.new(secret.encode(), self.signing_input, hashlib.sha256).digest())
+        expected = _b64(hmac.digest(secret.encode(), self.signing_input, "sha256"))  # one-shot, in C
         if not hmac.compare_digest(expected, self.signature):
             raise TokenError("bad token signature")
         claims = self.claims

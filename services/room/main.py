@@ -111,6 +111,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
                   metrics=f"{host}:{metrics.bound_port(msrv)}", region=common.region,
                   capacity=cfg.per_instance_connections)
     await discovery.announce(me)
+    runtime.settle_gc()
     log.info("room %s serving clients on %s:%d, gRPC %d, pid %d", instance_id, cfg.listen_host, cfg.port,
              cfg.grpc_port, os.getpid())
 
