@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import errno
+import heapq
 import json
 import os
 import random
+import select
 import socket
 import subprocess
 import sys
@@ -37,6 +41,7 @@ SYSCTLS = {
     "net.ipv4.tcp_tw_reuse": "1",
 }
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # one syscall less than setblocking()
 
 
 # ---------------------------------------------------------------------------- process facts
@@ -51,13 +56,45 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def cpu_s(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process, all its threads."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tck = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tck, int(fields[12]) / tck
     except OSError:
-        return 0.0
+        return 0.0, 0.0
+
+
+def cpu_s(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine (every process, kernel threads, interrupts)."""
+    with open("/proc/stat") as fh:
+        fields = [int(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+
+
+class Lines:
+    """Whole lines from a child's stdout pipe, read unbuffered: a buffered readline() can leave a
+    second line in its buffer where select() does not see it (an event read a second late)."""
+
+    def __init__(self, fh) -> None:
+        self.fd = fh.fileno()
+        self.buf = b""
+        self.eof = False
+
+    def read(self) -> list[str]:
+        data = os.read(self.fd, 65536)
+        if not data:
+            self.eof = True
+            return [self.buf.decode()] if self.buf.strip() else []
+        *lines, self.buf = (self.buf + data).split(b"\n")
+        return [ln.decode() for ln in lines if ln.strip()]
 
 
 def children(pid: int) -> list[int]:
@@ -96,78 +133,159 @@ def restore_sysctls(previous: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- worker
-class BenchConn:
-    """Lean client connection: counts AUTH_OK, answers nothing, pings on the worker's schedule."""
+def auth_frames(args) -> list[bytes]:
+    """Every uid's AUTH frame (token, protobuf, header), built before the timed phase: minting
+    tokens is the app server's job, not the client's."""
+    from services.common import tokens
+    from services.common.codec import Op, encode
+    from services.common.pb import client_pb2 as cpb
 
-    __slots__ = ("transport", "worker", "authed", "retry_ms")
+    ttl = int(max(3600, args.connect_timeout_s + args.hold_s + 600))  # retries may come late
+    now = time.time()
+    frames = []
+    for i in range(args.uid_start, args.uid_start + args.count):
+        uid = f"bench-{i}"
+        token, _ = tokens.sign(args.secret, uid, args.app, ttl, now=now)
+        frames.append(encode(Op.AUTH, cpb.Auth(token=token, uid=uid, net="wifi",
+                                                heartbeat_hint_s=args.heartbeat_s).SerializeToString(), 1))
+    return frames
 
-    def __init__(self, worker) -> None:
-        self.worker = worker
-        self.transport = None
-        self.authed = False
-        self.retry_ms = 0  # set from an ERROR's retry_after_ms: come back later, like the SDK
 
-    def connection_made(self, transport):
-        self.transport = transport
+class Control(asyncio.Protocol):
+    """The parent's orders on stdin: a line = go (start the timed phase), EOF = end of the hold."""
 
-    def data_received(self, data):
-        w = self.worker
-        # frames are small and rarely split; only op matters (byte 5 of each header)
-        pos = 0
-        while pos + 12 <= len(data):
-            length = int.from_bytes(data[pos:pos + 4], "big")
-            op = data[pos + 5]
-            if op == 2 and not self.authed:
-                self.authed = True
-                w.on_auth_ok(self)
-            elif op == 13:
-                self.retry_ms = w.on_error(data[pos + 12:pos + length])
-            elif op == 4:
-                w.pongs += 1
-            if length < 12:
-                break
-            pos += length
+    def __init__(self, go: asyncio.Event, stop: asyncio.Event) -> None:
+        self.go, self.stop = go, stop
 
-    def connection_lost(self, exc):
-        self.worker.on_lost(self)
+    def data_received(self, data: bytes) -> None:
+        if b"\n" in data:
+            self.go.set()
 
-    def eof_received(self):
+    def eof_received(self) -> bool:
+        self.stop.set()
         return False
 
-    def pause_writing(self):
-        pass
-
-    def resume_writing(self):
-        pass
+    def connection_lost(self, exc) -> None:
+        self.stop.set()
+        self.go.set()
 
 
 class Worker:
+    """Connects, authenticates and holds ``count`` connections with no coroutine, future, task or
+    timer per connection: plain non-blocking sockets in one epoll set of our own, whose fd the
+    event loop watches (the loop also runs the dispatcher requests and one ticker). A handshake
+    is socket, bind, connect, send AUTH (on loopback the connection is usually established when
+    connect returns; if not, AUTH goes out on EPOLLOUT), then one read for AUTH_OK or ERROR. At
+    most ``inflight`` handshakes are open; each one that ends starts the next routed uid."""
+
+    HANDSHAKE_TIMEOUT_TICKS = 60  # seconds (the ticker counts whole seconds)
+
     def __init__(self, args) -> None:
-        self.args = args
-        self.held = 0
-        self.errors = 0
-        self.failed = 0
-        self.pongs = 0
-        self.lost = 0
-        self.conns: list[BenchConn] = []
-        self.error_kinds: dict[str, int] = {}
-        self.retries = 0
-        self._inflight = asyncio.Semaphore(args.inflight)
-        self._waiters: dict[BenchConn, asyncio.Future] = {}
-
-    def on_auth_ok(self, conn):
-        self.held += 1
-        fut = self._waiters.pop(conn, None)
-        if fut and not fut.done():
-            fut.set_result(True)
-
-    def on_error(self, body: bytes) -> int:
         from services.common.pb import client_pb2 as cpb
 
+        self.args = args
+        self.Error = cpb.Error
+        self.frames = auth_frames(args)
+        self.addrs: list = [None] * args.count  # (host, port) of each uid's room once routed
+        self.sources = [(f"127.0.{1 + i // 250}.{2 + i % 250}", 0) for i in range(args.sources)]
+        self.ready: collections.deque[int] = collections.deque()  # routed, waiting for a slot
+        self.later: list[tuple[float, int]] = []  # heap of (due, i): refused with a retry-after
+        self.tries: dict[int, int] = {}  # attempts made, only for uids that were refused
+        self.pending: dict[int, tuple] = {}  # fd -> (sock, i, tick): handshakes in flight
+        self.socks: dict[int, socket.socket] = {}  # fd -> sock: authenticated, held
+        self.ep = select.epoll()
+        self.tick = 0
+        self.routing = True
+        self.connected = asyncio.Event()
+        self.held = self.errors = self.failed = self.pongs = self.lost = self.retries = 0
+        self.auth_on_writable = 0  # AUTHs that waited for EPOLLOUT (connect not done on return)
+        self.error_kinds: dict[str, int] = {}
+        self.deadline = float("inf")
+
+    # ------------------------------------------------------------ handshakes
+    def fill(self) -> None:
+        """Start routed uids until ``inflight`` handshakes are open."""
+        pending, ready, limit = self.pending, self.ready, self.args.inflight
+        if len(pending) >= limit:
+            return
+        frames, addrs, sources, nsrc = self.frames, self.addrs, self.sources, len(self.sources)
+        register, tick = self.ep.register, self.tick
+        while ready and len(pending) < limit:
+            i = ready.popleft()
+            sock = socket.socket(socket.AF_INET, SOCK_STREAM_NONBLOCK)
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind(sources[i % nsrc])
+                err = sock.connect_ex(addrs[i])
+                if err and err != errno.EINPROGRESS:
+                    raise OSError(err, os.strerror(err))
+                fd = sock.fileno()
+                try:
+                    sock.send(frames[i])  # a fresh socket takes a ~300-byte frame whole
+                    register(fd, select.EPOLLIN)
+                except BlockingIOError:  # still SYN_SENT: send when writable
+                    register(fd, select.EPOLLOUT)
+                    self.auth_on_writable += 1
+                pending[fd] = (sock, i, tick)
+            except OSError:
+                sock.close()
+                self.failed += 1
+        if not pending:
+            self._check_done()
+
+    def on_events(self) -> None:
+        pending, socks, ep = self.pending, self.socks, self.ep
+        for fd, ev in ep.poll(0, 1024):
+            st = pending.get(fd)
+            if st is None:
+                self._held_event(fd)
+                continue
+            sock = st[0]
+            if ev & select.EPOLLOUT:
+                try:
+                    sock.send(self.frames[st[1]])
+                    ep.modify(fd, select.EPOLLIN)
+                except OSError:
+                    self._end(fd, sock, st[1], 0)
+                continue
+            try:
+                data = sock.recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            # frames arrive whole on loopback: the first one's op decides the handshake
+            if len(data) >= 12 and data[5] == 2:  # AUTH_OK
+                del pending[fd]
+                socks[fd] = sock
+                self.held += 1
+            elif len(data) >= 12 and data[5] == 13:  # ERROR, maybe with a retry-after
+                self._end(fd, sock, st[1], self._error(data[12:int.from_bytes(data[:4], "big")]))
+            else:  # closed, or something other than an answer to AUTH
+                self._end(fd, sock, st[1], 0)
+        self.fill()
+
+    def _end(self, fd: int, sock: socket.socket, i: int, retry_ms: int) -> None:
+        """A handshake that did not end in AUTH_OK: retry after the server's retry-after, with full
+        jitter as the SDK does, or count it failed."""
+        del self.pending[fd]
+        sock.close()  # closing the last reference also takes the fd out of the epoll set
+        if retry_ms <= 0:
+            self.failed += 1
+            return
+        self.retries += 1
+        n = self.tries.get(i, 1)
+        if n >= self.args.attempts:
+            self.failed += 1
+            return
+        self.tries[i] = n + 1
+        heapq.heappush(self.later, (time.monotonic() + retry_ms / 1000 * (1 + random.random()), i))
+
+    def _error(self, body: bytes) -> int:
         self.errors += 1
         retry_ms = 0
         try:
-            err = cpb.Error.FromString(body)
+            err = self.Error.FromString(body)
             key = f"{err.code}:{err.message[:60]}"
             retry_ms = err.retry_after_ms
         except Exception:
@@ -175,135 +293,145 @@ class Worker:
         self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
         return retry_ms
 
-    def on_lost(self, conn):
-        if conn.authed:
+    def _held_event(self, fd: int) -> None:
+        sock = self.socks.get(fd)
+        if sock is None:
+            return
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            del self.socks[fd]
+            sock.close()
             self.held -= 1
             self.lost += 1
-        fut = self._waiters.pop(conn, None)
-        if fut and not fut.done():
-            fut.set_result(False)
+            return
+        # only PONGs are expected; count them (op is byte 5 of each 12-byte header)
+        pos, n = 0, len(data)
+        while pos + 12 <= n:
+            length = int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 5] == 4:
+                self.pongs += 1
+            if length < 12:
+                break
+            pos += length
 
+    def _check_done(self) -> None:
+        if not (self.routing or self.pending or self.ready or self.later):
+            self.connected.set()
+
+    async def ticker(self, started: float) -> None:
+        """Every 50 ms: due retries back into the queue. Every second: handshake timeouts, progress."""
+        later, ready = self.later, self.ready
+        next_second = time.monotonic() + 1
+        while True:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            while later and later[0][0] <= now:
+                ready.append(heapq.heappop(later)[1])
+            if now > self.deadline:  # give up on what has not started
+                self.failed += len(ready) + len(later)
+                ready.clear()
+                later.clear()
+            if now >= next_second:
+                next_second += 1
+                self.tick += 1
+                for fd, st in [(fd, st) for fd, st in self.pending.items()
+                               if self.tick - st[2] >= self.HANDSHAKE_TIMEOUT_TICKS]:
+                    self._end(fd, st[0], st[1], 0)
+                print(json.dumps({"t": round(now - started, 2), "held": self.held, "failed": self.failed,
+                                  "errors": self.errors, "inflight": len(self.pending)}), flush=True)
+            self.fill()
+
+    # ------------------------------------------------------------ phases
     async def run(self) -> None:
         import aiohttp
-        import uvloop  # noqa: F401
 
-        from services.common import tokens
         from services.common.codec import Op, encode
-        from services.common.pb import client_pb2 as cpb
 
         a = self.args
         loop = asyncio.get_running_loop()
-        sources = [f"127.0.{1 + i // 250}.{2 + i % 250}" for i in range(a.sources)]
-        deadline = time.monotonic() + a.connect_timeout_s
+        go, stop = asyncio.Event(), asyncio.Event()
+        await loop.connect_read_pipe(lambda: Control(go, stop), sys.stdin)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
-        started = time.monotonic()
+        print(json.dumps({"event": "ready"}), flush=True)
+        await go.wait()
+        if stop.is_set():
+            await http.close()
+            return  # the parent went away before the start
 
-        routes: dict[str, dict] = {}
+        started = time.monotonic()
+        self.deadline = started + a.connect_timeout_s
+        loop.add_reader(self.ep.fileno(), self.on_events)
+        ticker = loop.create_task(self.ticker(started))
         route_slots = asyncio.Semaphore(2)  # route requests in flight per worker
+        room_addrs: dict[tuple, tuple] = {}
 
         async def fetch_routes(first: int, n: int) -> None:
-            # one dispatcher request per 500 uids: per-connection HTTP would cost more than the connection
+            # one dispatcher request per 500 uids: per-connection HTTP would cost more than the
+            # connection. Each batch is connected as soon as its routes are in.
             uids = [f"bench-{a.uid_start + i}" for i in range(first, first + n)]
             for attempt in range(8):  # the dispatcher is one process sharing 2 cores with everything
                 try:
                     async with route_slots, http.post(f"{a.dispatcher}/v1/routes", json={"uids": uids, "count": 1},
                                                       timeout=aiohttp.ClientTimeout(total=120)) as r:
                         body = await r.json()
+                    routes = body["routes"]
                     break
-                except (aiohttp.ClientError, ValueError, TimeoutError):
+                except (aiohttp.ClientError, ValueError, TimeoutError, KeyError, TypeError):
                     await asyncio.sleep(0.2 * 2 ** attempt)
             else:
-                return  # these uids count as failed connects
-            for uid, rooms in body["routes"].items():
-                routes[uid] = rooms[0]
+                self.failed += n  # these uids count as failed connects
+                return
+            for k, uid in enumerate(uids):
+                try:
+                    room = routes[uid][0]
+                    addr = (room["host"], room["port"])
+                except (KeyError, IndexError, TypeError):
+                    self.failed += 1
+                    continue
+                self.addrs[first + k] = room_addrs.setdefault(addr, addr)
+                self.ready.append(first + k)
+            self.fill()
 
-        async def one(i: int) -> None:
-            uid = f"bench-{a.uid_start + i}"
-            async with self._inflight:
-                for _attempt in range(a.attempts):
-                    if time.monotonic() > deadline:
-                        return
-                    retry_ms = await attempt(i, uid)
-                    if retry_ms <= 0:
-                        return
-                    self.retries += 1
-                    # refused with a retry-after: come back later with full jitter, as the SDK does
-                    await asyncio.sleep(retry_ms / 1000 * (1 + random.random()))
-                self.failed += 1
-
-        async def attempt(i: int, uid: str) -> int:
-            """0 when done (held or failed for good), else the server's retry-after in ms."""
-            try:
-                room = routes[uid]
-                token, _ = tokens.sign(a.secret, uid, a.app, 3600)
-                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-                sock.bind((sources[i % len(sources)], 0))
-                sock.setblocking(False)
-                await loop.sock_connect(sock, (room["host"], room["port"]))
-                _, conn = await loop.create_connection(lambda: BenchConn(self), sock=sock)
-                fut = loop.create_future()
-                self._waiters[conn] = fut
-                conn.transport.write(encode(Op.AUTH, cpb.Auth(
-                    token=token, uid=uid, net="wifi", heartbeat_hint_s=a.heartbeat_s).SerializeToString(), 1))
-                if await asyncio.wait_for(fut, 60):
-                    self.conns.append(conn)
-                    return 0
-                if conn.retry_ms:
-                    return conn.retry_ms
-            except (TimeoutError, OSError, KeyError, IndexError, aiohttp.ClientError):
-                pass
-            self.failed += 1
-            return 0
-
-        async def report_loop():
-            while True:
-                print(json.dumps({"t": round(time.monotonic() - started, 2), "held": self.held,
-                                  "failed": self.failed, "errors": self.errors}), flush=True)
-                await asyncio.sleep(1)
-
-        reporter = loop.create_task(report_loop())
         await asyncio.gather(*(fetch_routes(i, min(500, a.count - i)) for i in range(0, a.count, 500)))
         routed = time.monotonic()
-        await asyncio.gather(*(one(i) for i in range(a.count)))
         await http.close()
+        self.routing = False
+        self._check_done()
+        await self.connected.wait()
         connected_at = time.monotonic()
+        self.frames = []
         print(json.dumps({"event": "connected", "t": round(connected_at - started, 2), "held": self.held,
-                          "route_s": round(routed - started, 2),
-                          "failed": self.failed}), flush=True)
+                          "route_s": round(routed - started, 2), "failed": self.failed}), flush=True)
         # Hold until the parent closes our stdin (it does so hold_s after *every* worker is connected:
         # a per-worker timer would let early workers drop their connections before the last one is
         # done). PING every heartbeat, spread evenly over the interval: one loop, no timer per connection.
-        stop = asyncio.Event()
-        stdin = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-
-        async def wait_for_stop() -> None:
-            while await stdin.read(1024):
-                pass
-            stop.set()
-
-        stopper = loop.create_task(wait_for_stop())
         ping = encode(Op.PING)
         hard_end = connected_at + a.connect_timeout_s + a.hold_s + 60  # the parent died: stop anyway
-        conns = self.conns
+        conns = list(self.socks.values())
         slices = max(1, a.heartbeat_s * 10)
         k = 0
         while not stop.is_set() and time.monotonic() < hard_end:
             step = len(conns) // slices + 1
-            for c in conns[(k % slices) * step:(k % slices + 1) * step]:
-                if c.transport is not None and not c.transport.is_closing():
-                    c.transport.write(ping)
+            for sock in conns[(k % slices) * step:(k % slices + 1) * step]:
+                try:
+                    sock.send(ping)
+                except OSError:
+                    pass  # lost (closed) or a full buffer: the next round pings again
             k += 1
             await asyncio.sleep(0.1)
-        stopper.cancel()
-        reporter.cancel()
+        ticker.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
                           "error_kinds": self.error_kinds, "retries": self.retries,
+                          "auth_on_writable": self.auth_on_writable,
                           "failed": self.failed, "errors": self.errors}), flush=True)
-        for c in conns:
-            if c.transport is not None:
-                c.transport.abort()
+        loop.remove_reader(self.ep.fileno())
+        for sock in self.socks.values():
+            sock.close()
 
 
 def worker_main(args) -> int:
@@ -371,10 +499,8 @@ def main() -> int:
         time.sleep(2)
         base_rss = {pid: rss_kib(pid) for pid in room_pids}
         result["room_baseline_rss_kib_per_instance"] = round(sum(base_rss.values()) / max(1, len(base_rss)))
-        cpu0 = {pid: cpu_s(pid) for pid in server_pids}
         n_workers = -(-n // PER_WORKER)
         per = -(-n // n_workers)
-        t0 = time.monotonic()
         for w in range(n_workers):
             count = min(per, n - w * per)
             workers.append(subprocess.Popen(
@@ -383,14 +509,37 @@ def main() -> int:
                  "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
                  "--sources", str(args.sources), "--attempts", str(args.attempts)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT))
         connected: dict[int, dict] = {}
         done: dict[int, dict] = {}
         import selectors
 
         sel = selectors.DefaultSelector()
         for i, wp in enumerate(workers):
-            sel.register(wp.stdout, selectors.EVENT_READ, i)
+            sel.register(wp.stdout, selectors.EVENT_READ, (i, Lines(wp.stdout)))
+        # The timed phase starts when every worker is ready: each one builds its uids' AUTH frames
+        # (token, protobuf, header) first, which is the app server's job and not timed. Routing
+        # through the dispatcher and everything after it is timed.
+        ready: set[int] = set()
+        ready_deadline = time.monotonic() + 600
+        while len(ready) < len(workers) and time.monotonic() < ready_deadline:
+            for key, _ in sel.select(timeout=1):
+                i, lines = key.data
+                for line in lines.read():
+                    if json.loads(line).get("event") == "ready":
+                        ready.add(i)
+                if lines.eof:
+                    raise RuntimeError(f"worker {i} exited before it was ready")
+        if len(ready) < len(workers):
+            raise RuntimeError(f"{len(workers) - len(ready)} workers not ready after 600 s")
+        cpu0 = {pid: cpu_s(pid) for pid in server_pids}
+        client0 = [cpu_times(w.pid) for w in workers]
+        machine0 = machine_busy_s()
+        result["client_cpu_s_prep"] = round(sum(u + s for u, s in client0), 2)
+        t0 = time.monotonic()
+        for wp in workers:
+            wp.stdin.write(b"go\n")
+            wp.stdin.flush()
         full_at = None
         hard_deadline = t0 + args.connect_timeout_s + args.hold_s + 120
         cpu_full = None
@@ -409,21 +558,24 @@ def main() -> int:
                 for wp in workers:
                     wp.stdin.close()  # end of the hold for every worker at once
             for key, _ in sel.select(timeout=1):
-                line = key.fileobj.readline()
-                if not line:
+                i, lines = key.data
+                for line in lines.read():
+                    msg = json.loads(line)
+                    if msg.get("event") == "connected":
+                        connected[i] = msg
+                    elif msg.get("event") == "done":
+                        done[i] = msg
+                    # other lines are per-second progress; only the phase events matter here
+                if lines.eof:
                     sel.unregister(key.fileobj)
-                    done.setdefault(key.data, {"event": "exited"})
-                    continue
-                msg = json.loads(line)
-                i = key.data
-                if msg.get("event") == "connected":
-                    connected[i] = msg
-                elif msg.get("event") == "done":
-                    done[i] = msg
-                # other lines are per-second progress; only the phase events matter here
+                    done.setdefault(i, {"event": "exited"})
             if full_at is None and len(connected) == len(workers):
                 full_at = time.monotonic()
-                cpu_full = ({pid: cpu_s(pid) for pid in server_pids}, sum(cpu_s(w.pid) for w in workers))
+                client_full = [cpu_times(w.pid) for w in workers]
+                client_user = sum(c[0] - c0[0] for c, c0 in zip(client_full, client0, strict=True))
+                client_sys = sum(c[1] - c0[1] for c, c0 in zip(client_full, client0, strict=True))
+                cpu_full = ({pid: cpu_s(pid) for pid in server_pids}, client_user + client_sys)
+                machine_full = machine_busy_s()
                 held = sum(c["held"] for c in connected.values())
                 result["held_at_full"] = held
                 result["time_to_full_s"] = round(full_at - t0, 2)
@@ -434,6 +586,15 @@ def main() -> int:
                     by_service[names[pid]] = by_service.get(names[pid], 0) + used - cpu0[pid]
                 result["server_cpu_s_connect_by_service"] = {k: round(v, 2) for k, v in sorted(by_service.items())}
                 result["client_cpu_s_connect"] = round(cpu_full[1], 1)
+                # user = the load generator's Python; system = mostly the kernel's TCP work for
+                # both ends of the loopback handshake, which runs in the connecting process
+                result["client_cpu_s_connect_user"] = round(client_user, 2)
+                result["client_cpu_s_connect_sys"] = round(client_sys, 2)
+                result["client_cpu_us_per_connect"] = round(cpu_full[1] * 1e6 / max(1, held))
+                result["server_cpu_us_per_connect"] = round(
+                    (sum(cpu_full[0].values()) - sum(cpu0.values())) * 1e6 / max(1, held))
+                # everything busy on the machine meanwhile (ksoftirqd, and anything else running)
+                result["machine_cpu_s_connect"] = round(machine_full - machine0, 1)
                 # memory after a short settle: per-connection RSS of the room processes
                 time.sleep(min(10, args.hold_s / 2))
                 rss = {pid: rss_kib(pid) for pid in room_pids}
@@ -453,6 +614,7 @@ def main() -> int:
         result["failed_connects"] = sum(c.get("failed", 0) for c in connected.values())
         result["server_errors"] = sum(d.get("errors", 0) for d in done.values())
         result["retries"] = sum(d.get("retries", 0) for d in done.values())
+        result["auth_sent_on_writable"] = sum(d.get("auth_on_writable", 0) for d in done.values())
         kinds: dict[str, int] = {}
         for d in done.values():
             for k, v in d.get("error_kinds", {}).items():

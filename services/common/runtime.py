@@ -49,12 +49,10 @@ def settle_gc() -> None:
     less often: a connect storm allocates in bursts, and nearly all of it is freed by reference
     counting before a collection would look at it."""
     import gc
-    import os
 
     gc.collect()
     gc.freeze()
-    threshold = os.environ.get("PYLON_GC_THRESHOLD", "20000,20,20")
-    gc.set_threshold(*(int(x) for x in threshold.split(",")))
+    gc.set_threshold(20_000, 20, 20)  # default 700, 10, 10
 
 
 def redis_client(url: str, max_connections: int = 32, fail_fast: bool = False):
