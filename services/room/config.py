@@ -35,12 +35,14 @@ class RoomConfig:
     # How long a batch waits for company before it is flushed. 10 ms measured: a 36k connect storm
     # costs 172 us of server CPU per connect (2 ms: 272 us), at +10 ms on AUTH_OK, acks and upstream.
     batch_delay_ms: float = 10.0
-    # Registrations and inbox loads (the connect path) wait longer for company: a room sees a few
-    # dozen connects per second even in a storm when a host runs 56 instances, and every call
-    # costs ~150-300 us of CPU whatever it carries. 50 ms measured at 100k connects over 6
-    # instances: server CPU per connect 327 -> 245 us, connect rate 3.4k -> 4.0k/s, for at most
-    # 2 x 50 ms more before AUTH_OK and the stored messages.
-    connect_batch_delay_ms: float = 50.0
+    # Registrations and inbox loads (the connect path): every call costs ~150-500 us of CPU on
+    # each side whatever it carries, and a host of 56 instances sees only a few dozen connects per
+    # second per instance even in a storm. So while an instance sees storm_connects_per_s or more,
+    # the connect path waits storm_batch_delay_ms for company (bigger batches, fewer calls);
+    # otherwise connect_batch_delay_ms.
+    connect_batch_delay_ms: float = 20.0
+    storm_batch_delay_ms: float = 250.0
+    storm_connects_per_s: float = 20.0
     max_batch: int = 500
     # Batches in flight per backend queue; while all are out, the next batch keeps filling.
     max_flushes_in_flight: int = 1  # 100k connect storm: server CPU per connect 364 -> 306 us vs 4
@@ -61,6 +63,8 @@ class RoomConfig:
         require(self.handshake_timeout_s >= 1, "room.handshake_timeout_s", "must be >= 1")
         require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
         require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
+        for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms"):
+            require(0 <= getattr(self, name) <= 5000, f"room.{name}", "must be within 0..5000 ms")
         require(self.max_flushes_in_flight >= 1, "room.max_flushes_in_flight", "must be >= 1")
 
     def heartbeat_for(self, net: str) -> int:

@@ -73,3 +73,25 @@ async def test_a_failed_flush_reaches_every_item():
         b.submit(i, lambda r, e: errors.append((r, type(e))))
     await b.drain(1)
     assert errors == [(None, ConnectionError)] * 3
+
+
+async def test_busy_delay_while_items_arrive_fast_and_quick_delay_when_quiet():
+    rec = Recorder()
+    b = Batcher("t_busy", rec, delay_s=0.01, busy_delay_s=0.3, busy_rate=20)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    while loop.time() - t0 < 0.6:  # a storm of ~500+ items/s for 0.6 s
+        b.submit(0)
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.5)
+    sizes = [len(x) for x in rec.batches]
+    # without the busy delay this is ~60 batches of ~10; with it, a quick one or two, then 0.3 s ones
+    assert 2 <= len(sizes) <= 6, sizes
+    assert max(sizes) >= 30, sizes
+    await asyncio.sleep(1.0)  # quiet now: a lone item leaves after the quick delay
+    n = len(rec.batches)
+    t1 = loop.time()
+    b.submit(1)
+    while len(rec.batches) == n:
+        await asyncio.sleep(0.002)
+    assert loop.time() - t1 < 0.15
