@@ -71,15 +71,26 @@ def hrw_score(uid: str, instance_id: str) -> int:
     return _h64(b"pylon-hrw", uid, instance_id)
 
 
+_encoded: dict[str, bytes] = {}
+
+
 def _scores(person: bytes, uid: str, instance_ids: Sequence[str]) -> list[int]:
     """``_h64`` for one uid and many instances: the uid's prefix is hashed once and the hasher
-    copied per instance (same digests, ~3x cheaper than a new hasher each)."""
+    copied per instance (same digests, ~3x cheaper than a new hasher each); instance ids are
+    encoded once per process, not once per uid."""
     base = hashlib.blake2b(f"{uid}\x00".encode(), digest_size=8, person=person)
+    encoded = _encoded
+    from_bytes = int.from_bytes
     out = []
     for instance_id in instance_ids:
+        raw = encoded.get(instance_id)
+        if raw is None:
+            if len(encoded) > 100_000:
+                encoded.clear()
+            raw = encoded[instance_id] = instance_id.encode()
         h = base.copy()
-        h.update(instance_id.encode())
-        out.append(int.from_bytes(h.digest(), "big"))
+        h.update(raw)
+        out.append(from_bytes(h.digest(), "big"))
     return out
 
 
@@ -113,18 +124,28 @@ def is_full(room: Instance) -> bool:
     return room.capacity > 0 and room.load >= room.capacity
 
 
+def _best(scores: list[int], rooms: Sequence[Instance], skip_full: bool) -> Instance | None:
+    best, best_score = None, -1
+    for score, r in zip(scores, rooms, strict=True):
+        if skip_full and 0 < r.capacity <= r.load:
+            continue
+        if score > best_score or (score == best_score and r.id > best.id):
+            best, best_score = r, score
+    return best
+
+
 def order_rooms(uid: str, rooms: Sequence[Instance], load_step: float = 0.05, count: int = 0) -> list[Instance]:
     """Sticky room first, then the rest by load (in ``load_step`` buckets), per-uid tie-break.
     ``count`` = 1 skips ordering the rest (the answer is the sticky room alone)."""
     if not rooms:
         return []
     scores = _scores(b"pylon-hrw", uid, [r.id for r in rooms])
+    if count == 1:  # the sticky room alone: the best (score, id) among rooms that are not full
+        return [_best(scores, rooms, skip_full=True) or _best(scores, rooms, skip_full=False)]
     by_score = [r for _, _, r in sorted(zip(scores, (r.id for r in rooms), rooms, strict=True),
                                         key=lambda t: (t[0], t[1]), reverse=True)]
     # a full room would refuse the connection; the next HRW choice is just as sticky for this uid
     sticky = next((r for r in by_score if not is_full(r)), by_score[0])
-    if count == 1:
-        return [sticky]
     rest = [r for r in rooms if r is not sticky]
     ties = dict(zip((r.id for r in rest), _scores(b"pylon-tie", uid, [r.id for r in rest]), strict=True))
     # rooms on another host than the sticky one come first within a load bucket: if that host
@@ -141,7 +162,7 @@ def choose(rooms: Iterable[Instance], query: RouteQuery, load_step: float = 0.05
         serving = [r for r in live if not r.nets or query.net in (n.lower() for n in r.nets)]
         if serving:
             live = serving
-    usable = [r for r in live if normalize_address(address(r)) not in query.exclude]
+    usable = [r for r in live if normalize_address(address(r)) not in query.exclude] if query.exclude else live
     all_excluded = not usable
     if all_excluded:
         usable = live

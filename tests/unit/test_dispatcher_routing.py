@@ -185,3 +185,19 @@ def test_batched_scores_equal_single_scores():
     for uid in ("alice", "bob", "ü-ñ", ""):
         assert routing._scores(b"pylon-hrw", uid, ids) == [routing.hrw_score(uid, i) for i in ids]
         assert routing._scores(b"pylon-tie", uid, ids) == [routing.tie_break(uid, i) for i in ids]
+
+
+def test_sticky_room_alone_is_the_head_of_the_full_order():
+    import random
+
+    from services.dispatcher.routing import order_rooms
+
+    rng = random.Random(7)
+    rooms = [room(i, host=f"10.0.0.{i % 3}") for i in range(40)]
+    for i in range(500):
+        for r in rooms:
+            r.load = rng.choice([0, 500, 999, 1000])  # 1000 = full
+        assert order_rooms(f"u{i}", rooms, count=1) == order_rooms(f"u{i}", rooms)[:1]
+    for r in rooms:
+        r.load = 1000  # all full: still the sticky one
+    assert order_rooms("u", rooms, count=1) == order_rooms("u", rooms)[:1]
