@@ -13,6 +13,7 @@ class RoomConfig:
     port: int = 7100               # client TCP port of instance 0; instance i listens on port + i
     grpc_port: int = 7200          # internal gRPC port of instance 0; instance i uses grpc_port + i
     metrics_port: int = 0          # 0 = pick a free port (reported in discovery)
+    shared_port: int = 0           # >0: every instance of the host also accepts here (SO_REUSEPORT)
     instances: int = 1             # processes started by `pylon room` (one event loop each)
     instance_index: int = 0
     target_connections: int = 0    # when set and instances == 0: instances = ceil(target / per_instance_connections)
@@ -54,6 +55,7 @@ class RoomConfig:
     def validate(self) -> None:
         require(0 <= self.port < 65536, "room.port", "must be a TCP port")
         require(0 <= self.grpc_port < 65536, "room.grpc_port", "must be a TCP port")
+        require(0 <= self.shared_port < 65536, "room.shared_port", "must be a TCP port (0 = none)")
         require(self.instances >= 0, "room.instances", "must be >= 0 (0 = from target_connections)")
         require(1024 <= self.max_frame <= 16 * 1024 * 1024, "room.max_frame", "must be within 1 KiB..16 MiB")
         require(1 <= self.heartbeat_min_s <= self.heartbeat_max_s, "room.heartbeat_min_s", "must be >= 1 and <= heartbeat_max_s")

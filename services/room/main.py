@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, help="client TCP port (instance i listens on port + i)")
     p.add_argument("--grpc-port", type=int, help="internal gRPC port (instance i uses grpc-port + i)")
     p.add_argument("--metrics-port", type=int)
+    p.add_argument("--shared-port", type=int,
+                   help="a port every instance of this host also accepts on (SO_REUSEPORT; the kernel spreads "
+                        "connections); the dispatcher still hands out each instance's own port")
     p.add_argument("--instances", type=int, help="instance processes to start (0 = from --target-connections)")
     p.add_argument("--target-connections", type=int, help="size the instance count for this many connections")
     p.add_argument("--instance-index", type=int, help=_hidden())
@@ -34,8 +37,8 @@ def _hidden():
 def main(args) -> int:
     from services.room.config import RoomConfig
 
-    overrides = {k: getattr(args, k, None) for k in ("listen_host", "port", "grpc_port", "metrics_port", "instances",
-                                                      "target_connections", "instance_index")}
+    overrides = {k: getattr(args, k, None) for k in ("listen_host", "port", "grpc_port", "metrics_port", "shared_port",
+                                                      "instances", "target_connections", "instance_index")}
     try:
         common, cfg = config.load(RoomConfig, "room", args.config, **overrides)
     except config.ConfigError as exc:
@@ -59,6 +62,8 @@ def supervise(args, cfg) -> int:
                       "--grpc-port", str(cfg.grpc_port + i), "--host", cfg.listen_host]
         if cfg.metrics_port:
             cmd += ["--metrics-port", str(cfg.metrics_port + i)]
+        if cfg.shared_port:
+            cmd += ["--shared-port", str(cfg.shared_port)]
         procs.append(subprocess.Popen(cmd))
     log.info("started %d room instances on ports %d..%d", k, cfg.port, cfg.port + k - 1)
 
@@ -104,6 +109,11 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(ClientConnection, cfg.listen_host, cfg.port, backlog=cfg.backlog,
                                       reuse_address=True)
+    servers = [server]
+    if cfg.shared_port:
+        # every instance listens here too; the kernel hashes each new connection to one of them
+        servers.append(await loop.create_server(ClientConnection, cfg.listen_host, cfg.shared_port,
+                                                backlog=cfg.backlog, reuse_address=True, reuse_port=True))
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
                                      [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
@@ -112,8 +122,8 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
                   capacity=cfg.per_instance_connections)
     await discovery.announce(me)
     runtime.settle_gc()
-    log.info("room %s serving clients on %s:%d, gRPC %d, pid %d", instance_id, cfg.listen_host, cfg.port,
-             cfg.grpc_port, os.getpid())
+    log.info("room %s serving clients on %s:%d%s, gRPC %d, pid %d", instance_id, cfg.listen_host, cfg.port,
+             f" and shared port {cfg.shared_port}" if cfg.shared_port else "", cfg.grpc_port, os.getpid())
 
     async def report_load() -> None:
         while True:
@@ -128,7 +138,8 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     load_task.cancel()
     room.draining = True
     await discovery.withdraw()
-    server.close()
+    for srv in servers:
+        srv.close()
     try:
         others = [i for i in await discovery.instances("room", fresh=True) if i.id != instance_id and not i.draining]
     except Exception as exc:  # Redis away: clients still get RECONNECT and ask the dispatcher
