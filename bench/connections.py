@@ -71,6 +71,22 @@ def cpu_times(pid: int) -> tuple[float, float]:
         return 0.0, 0.0
 
 
+def pss_uss_kib(pid: int) -> tuple[int, int]:
+    """(PSS, USS) in KiB: RSS counts shared library pages in every process; PSS splits them among
+    the processes sharing them, USS leaves them out (what the process alone costs)."""
+    pss = uss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    uss += int(line.split()[1])
+    except OSError:
+        pass
+    return pss, uss
+
+
 def cpu_s(pid: int) -> float:
     return sum(cpu_times(pid))
 
@@ -509,6 +525,10 @@ def main() -> int:
         time.sleep(2)
         base_rss = {pid: rss_kib(pid) for pid in room_pids}
         result["room_baseline_rss_kib_per_instance"] = round(sum(base_rss.values()) / max(1, len(base_rss)))
+        base_mem = [pss_uss_kib(pid) for pid in room_pids]
+        result["room_baseline_pss_kib_per_instance"] = round(sum(m[0] for m in base_mem) / max(1, len(base_mem)))
+        result["room_baseline_uss_kib_per_instance"] = round(sum(m[1] for m in base_mem) / max(1, len(base_mem)))
+        result["room_baseline_threads"] = _threads(room_pids[0]) if room_pids else 0
         n_workers = -(-n // PER_WORKER)
         per = -(-n // n_workers)
         for w in range(n_workers):
@@ -647,6 +667,13 @@ def main() -> int:
             result["tmp"] = tmp
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _threads(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
 
 
 def _count_sessions(cluster) -> dict:
