@@ -87,6 +87,19 @@ def pss_uss_kib(pid: int) -> tuple[int, int]:
     return pss, uss
 
 
+def ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of a process's main thread so far."""
+    n = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    n += int(line.split()[1])
+    except OSError:
+        pass
+    return n
+
+
 def cpu_s(pid: int) -> float:
     return sum(cpu_times(pid))
 
@@ -220,6 +233,7 @@ class Worker:
         self.held = self.errors = self.failed = self.pongs = self.lost = self.retries = 0
         self.auth_on_writable = 0  # AUTHs that waited for EPOLLOUT (connect not done on return)
         self.error_kinds: dict[str, int] = {}
+        self.fail_kinds: dict[str, int] = {}  # why uids ended without a session
         self.deadline = float("inf")
 
     # ------------------------------------------------------------ handshakes
@@ -247,9 +261,9 @@ class Worker:
                     register(fd, select.EPOLLOUT)
                     self.auth_on_writable += 1
                 pending[fd] = (sock, i, tick)
-            except OSError:
+            except OSError as exc:
                 sock.close()
-                self.failed += 1
+                self._fail("connect:" + (errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "error"))
         if not pending:
             self._check_done()
 
@@ -266,7 +280,7 @@ class Worker:
                     sock.send(self.frames[st[1]])
                     ep.modify(fd, select.EPOLLIN)
                 except OSError:
-                    self._end(fd, sock, st[1], 0)
+                    self._end(fd, sock, st[1], 0, "send")
                 continue
             try:
                 data = sock.recv(4096)
@@ -282,21 +296,25 @@ class Worker:
             elif len(data) >= 12 and data[5] == 13:  # ERROR, maybe with a retry-after
                 self._end(fd, sock, st[1], self._error(data[12:int.from_bytes(data[:4], "big")]))
             else:  # closed, or something other than an answer to AUTH
-                self._end(fd, sock, st[1], 0)
+                self._end(fd, sock, st[1], 0, "closed" if not data else "unexpected_reply")
         self.fill()
 
-    def _end(self, fd: int, sock: socket.socket, i: int, retry_ms: int) -> None:
+    def _fail(self, kind: str, n: int = 1) -> None:
+        self.failed += n
+        self.fail_kinds[kind] = self.fail_kinds.get(kind, 0) + n
+
+    def _end(self, fd: int, sock: socket.socket, i: int, retry_ms: int, why: str = "error") -> None:
         """A handshake that did not end in AUTH_OK: retry after the server's retry-after, with full
         jitter as the SDK does, or count it failed."""
         del self.pending[fd]
         sock.close()  # closing the last reference also takes the fd out of the epoll set
         if retry_ms <= 0:
-            self.failed += 1
+            self._fail(why)
             return
         self.retries += 1
         n = self.tries.get(i, 1)
         if n >= self.args.attempts:
-            self.failed += 1
+            self._fail("retries_exhausted")
             return
         self.tries[i] = n + 1
         heapq.heappush(self.later, (time.monotonic() + retry_ms / 1000 * (1 + random.random()), i))
@@ -353,7 +371,7 @@ class Worker:
             while later and later[0][0] <= now:
                 ready.append(heapq.heappop(later)[1])
             if now > self.deadline:  # give up on what has not started
-                self.failed += len(ready) + len(later)
+                self._fail("deadline", len(ready) + len(later))
                 ready.clear()
                 later.clear()
             if now >= next_second:
@@ -361,7 +379,7 @@ class Worker:
                 self.tick += 1
                 for fd, st in [(fd, st) for fd, st in self.pending.items()
                                if self.tick - st[2] >= self.HANDSHAKE_TIMEOUT_TICKS]:
-                    self._end(fd, st[0], st[1], 0)
+                    self._end(fd, st[0], st[1], 0, "handshake_timeout")
                 print(json.dumps({"t": round(now - started, 2), "held": self.held, "failed": self.failed,
                                   "errors": self.errors, "inflight": len(self.pending)}), flush=True)
             self.fill()
@@ -408,14 +426,14 @@ class Worker:
                 except (aiohttp.ClientError, ValueError, TimeoutError, KeyError, TypeError):
                     await asyncio.sleep(0.2 * 2 ** attempt)
             else:
-                self.failed += n  # these uids count as failed connects
+                self._fail("routes", n)  # these uids count as failed connects
                 return
             for k, uid in enumerate(uids):
                 try:
                     room = routes[uid][0]
                     addr = (room["host"], room["port"])
                 except (KeyError, IndexError, TypeError):
-                    self.failed += 1
+                    self._fail("no_route")
                     continue
                 self.addrs[first + k] = room_addrs.setdefault(addr, addr)
                 self.ready.append(first + k)
@@ -450,7 +468,7 @@ class Worker:
             await asyncio.sleep(0.1)
         ticker.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
-                          "error_kinds": self.error_kinds, "retries": self.retries,
+                          "error_kinds": self.error_kinds, "fail_kinds": self.fail_kinds, "retries": self.retries,
                           "auth_on_writable": self.auth_on_writable,
                           "failed": self.failed, "errors": self.errors}), flush=True)
         loop.remove_reader(self.ep.fileno())
@@ -492,7 +510,7 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    from services.launcher.cluster import LocalCluster, Ports
+    from services.launcher.cluster import ROOM_NICE, LocalCluster, Ports
     from services.room.config import RoomConfig
 
     n = args.connections
@@ -540,7 +558,10 @@ def main() -> int:
                  "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
                  "--sources", str(args.sources), "--attempts", str(args.attempts)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+                # clients are many processes, like the room tier: same niceness, so neither starves
+                # the lone register, saver and dispatcher (see ROOM_NICE in the launcher)
+                preexec_fn=lambda: os.nice(ROOM_NICE)))
         connected: dict[int, dict] = {}
         done: dict[int, dict] = {}
         import selectors
@@ -564,6 +585,7 @@ def main() -> int:
         if len(ready) < len(workers):
             raise RuntimeError(f"{len(workers) - len(ready)} workers not ready after 600 s")
         cpu0 = {pid: cpu_s(pid) for pid in server_pids}
+        room_ctx0 = sum(ctx_switches(pid) for pid in room_pids)
         client0 = [cpu_times(w.pid) for w in workers]
         machine0 = machine_busy_s()
         result["client_cpu_s_prep"] = round(sum(u + s for u, s in client0), 2)
@@ -624,6 +646,9 @@ def main() -> int:
                 result["client_cpu_us_per_connect"] = round(cpu_full[1] * 1e6 / max(1, held))
                 result["server_cpu_us_per_connect"] = round(
                     (sum(cpu_full[0].values()) - sum(cpu0.values())) * 1e6 / max(1, held))
+                # a room wakes up (and its caches are cold) about this often per connection
+                result["room_wakeups_per_connect"] = round(
+                    (sum(ctx_switches(pid) for pid in room_pids) - room_ctx0) / max(1, held), 2)
                 # everything busy on the machine meanwhile (ksoftirqd, and anything else running)
                 result["machine_cpu_s_connect"] = round(machine_full - machine0, 1)
                 # memory after a short settle: per-connection RSS of the room processes
@@ -651,6 +676,11 @@ def main() -> int:
             for k, v in d.get("error_kinds", {}).items():
                 kinds[k] = kinds.get(k, 0) + v
         result["server_error_kinds"] = kinds
+        fails: dict[str, int] = {}
+        for d in done.values():
+            for k, v in d.get("fail_kinds", {}).items():
+                fails[k] = fails.get(k, 0) + v
+        result["failed_kinds"] = fails
         result["workers"] = len(workers)
     finally:
         for wp in workers:

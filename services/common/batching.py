@@ -7,10 +7,11 @@ raises, and every item's ``done`` gets the exception). ``done(result, error)`` i
 callback, so a waiting connection costs no task or future. While ``max_concurrent_flushes``
 batches are in flight, a due batch is not cut: it keeps filling until a flush returns, so the
 batch size grows with the load by itself (one RPC costs ~150-500 us whatever it carries). With
-``busy_delay_s`` set, a batch waits that long instead of ``delay_s`` while items arrive at
-``busy_rate`` per second or more (the rate the previous batch filled at, if the next item came
-within ``busy_delay_s`` of its flush): under a storm the wait costs little latency and saves an
-RPC per few items; when quiet, items leave after ``delay_s``. At most ``max_pending`` items wait;
+``busy_delay_s`` set, while items arrive at ``busy_rate`` per second or more (the rate the
+previous batch filled at, if the next item came within ``busy_delay_s`` of its flush) a batch
+waits long enough to gather ``busy_items`` at that rate, at most ``busy_delay_s``: under a storm
+the wait costs little latency and saves an RPC per few items; when quiet, items leave after
+``delay_s``. At most ``max_pending`` items wait;
 past that ``submit`` raises ``Overloaded`` and the caller sheds (the 360 lesson: unbounded
 fan-out under jitter is what blows up memory).
 """
@@ -38,7 +39,7 @@ class Batcher(Generic[T]):
     def __init__(self, name: str, flush: Callable[[list[T]], Awaitable[Sequence[Any] | None]], *,
                  max_batch: int = 500, delay_s: float = 0.002, max_pending: int = 50_000,
                  max_concurrent_flushes: int = 4, busy_delay_s: float | None = None,
-                 busy_rate: float = 0.0) -> None:
+                 busy_rate: float = 0.0, busy_items: int = 0) -> None:
         self.name = name
         self._flush_fn = flush
         self.max_batch = max_batch
@@ -55,6 +56,7 @@ class Batcher(Generic[T]):
         self._shed = metrics.SHED.labels(name)
         self.busy_delay_s = busy_delay_s
         self.busy_rate = busy_rate
+        self.busy_items = busy_items or max_batch
         self._armed_at = 0.0   # loop time the current batch's timer was armed
         self._cut_at = 0.0     # loop time the previous batch was cut
         self._fill_rate = 0.0  # items/s the previous batch filled at
@@ -79,9 +81,9 @@ class Batcher(Generic[T]):
     def _delay(self, now: float) -> float:
         """The wait for the batch whose first item arrives now."""
         self._armed_at = now
-        if (self.busy_delay_s is not None and self._fill_rate >= self.busy_rate
-                and now - self._cut_at <= self.busy_delay_s):
-            return self.busy_delay_s
+        rate = self._fill_rate
+        if self.busy_delay_s is not None and rate >= self.busy_rate and now - self._cut_at <= self.busy_delay_s:
+            return min(self.busy_delay_s, max(self.delay_s, self.busy_items / rate))
         return self.delay_s
 
     def _start_flush(self) -> None:

@@ -65,13 +65,15 @@ class ServiceProcess:
 
 
 def start(name: str, args: list[str], env: dict[str, str], log_dir: str, wait_for: list[tuple[str, int]] = (),
-          timeout_s: float = 30.0, pid_dir: str | None = None) -> ServiceProcess:
-    """Start ``pylon <args>`` as a child; wait until every (host, port) in ``wait_for`` accepts."""
+          timeout_s: float = 30.0, pid_dir: str | None = None, nice: int = 0) -> ServiceProcess:
+    """Start ``pylon <args>`` as a child (``nice`` added to its niceness); wait until every
+    (host, port) in ``wait_for`` accepts."""
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{name}.log")
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "services.cli", *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+                            stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
     log.close()
     pidfile = ""
     if pid_dir:

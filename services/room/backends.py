@@ -26,7 +26,7 @@ class RoomBackends:
         kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000,
                   max_concurrent_flushes=cfg.max_flushes_in_flight)
         connect_kw = dict(kw, delay_s=cfg.connect_batch_delay_ms / 1000, busy_delay_s=cfg.storm_batch_delay_ms / 1000,
-                          busy_rate=cfg.storm_connects_per_s)
+                          busy_rate=cfg.storm_connects_per_s, busy_items=cfg.storm_batch_items)
         self.register = Batcher("room_register", self._register, max_pending=cfg.max_pending_auth, **connect_kw)
         self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **kw)
         self.load_inbox = Batcher("room_load_inbox", self._load_inbox, max_pending=cfg.max_pending_auth,

@@ -95,3 +95,15 @@ async def test_busy_delay_while_items_arrive_fast_and_quick_delay_when_quiet():
     while len(rec.batches) == n:
         await asyncio.sleep(0.002)
     assert loop.time() - t1 < 0.15
+
+
+def test_busy_wait_gathers_busy_items_at_the_measured_rate_within_bounds():
+    b = Batcher("t_busy2", Recorder(), delay_s=0.02, busy_delay_s=1.0, busy_rate=50, busy_items=200)
+    for rate, expected in ((10, 0.02),      # below busy_rate: the quick delay
+                           (80, 1.0),       # 200 items would take 2.5 s: capped
+                           (400, 0.5),      # 200 items at 400/s
+                           (100_000, 0.02)):  # a fast stream fills a batch at once: never below delay_s
+        b._fill_rate, b._cut_at = rate, 100.0
+        assert b._delay(100.1) == pytest.approx(expected)
+    b._fill_rate, b._cut_at = 400, 100.0
+    assert b._delay(102.0) == 0.02  # nothing for longer than the cap since the last flush: quiet again
