@@ -510,6 +510,17 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
+    # One run at a time: two runs would share the CPU (every figure wrong) and each would restore
+    # the sysctls the other had set when it started.
+    import fcntl
+
+    lock = open(os.path.join(tempfile.gettempdir(), "pylon-bench-connections.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(json.dumps({"error": "another bench/connections.py run is in progress"}), file=sys.stderr)
+        return 2
+
     from services.launcher.cluster import ROOM_NICE, LocalCluster, Ports
     from services.room.config import RoomConfig
 
