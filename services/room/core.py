@@ -343,7 +343,7 @@ class RoomInstance:
 
     def _load_inbox(self, conn: ClientConnection, apps: Iterable[str]) -> None:
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
-            if err is None and inbox is not None and conn.state == OPEN:
+            if err is None and inbox is not None and inbox.messages and conn.state == OPEN:
                 self.deliver(conn, inbox.messages)
             # on error the messages stay stored: the next push or connect delivers them
 
