@@ -21,7 +21,6 @@ class RoomConfig:
     backlog: int = 8192            # listen backlog; a small one overflows in a connect storm
     max_frame: int = 65_536        # DESIGN.md §3 default
     handshake_timeout_s: int = 10
-    defer_accept_s: int = 1        # TCP_DEFER_ACCEPT: accept when the AUTH is in (0 = off)
     # Adaptive heartbeat (DESIGN.md §3): interval by network type, client proposals clamped to [min, max]
     heartbeat_wifi_s: int = 360
     heartbeat_cellular_s: int = 270
@@ -67,7 +66,6 @@ class RoomConfig:
             v = getattr(self, name)
             require(self.heartbeat_min_s <= v <= self.heartbeat_max_s, f"room.{name}", "must be within [heartbeat_min_s, heartbeat_max_s]")
         require(self.handshake_timeout_s >= 1, "room.handshake_timeout_s", "must be >= 1")
-        require(0 <= self.defer_accept_s <= 60, "room.defer_accept_s", "must be within 0..60")
         require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
         require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
         for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms"):

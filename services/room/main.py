@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -115,13 +114,6 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         # every instance listens here too; the kernel hashes each new connection to one of them
         servers.append(await loop.create_server(ClientConnection, cfg.listen_host, cfg.shared_port,
                                                 backlog=cfg.backlog, reuse_address=True, reuse_port=True))
-    if cfg.defer_accept_s:
-        # The kernel hands a connection over once its first bytes (the AUTH) are in, so accept
-        # and AUTH are one wakeup of this process instead of two; a client that sends nothing
-        # is accepted after ~defer_accept_s anyway and meets the handshake deadline.
-        for srv in servers:
-            for sock in srv.sockets:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, cfg.defer_accept_s)
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
                                      [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
