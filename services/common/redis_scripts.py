@@ -44,9 +44,6 @@ class Pipe:
     def __init__(self) -> None:
         self.commands: list[tuple] = []
 
-    def __len__(self) -> int:
-        return len(self.commands)
-
     def execute_command(self, *args) -> None:
         self.commands.append(args)
 
@@ -86,11 +83,13 @@ def pack(commands: list[tuple]) -> bytes:
                 a = b"%d" % a
             elif t is float:
                 a = repr(a).encode()
-            elif t is not bytes:
-                if isinstance(a, (bytes, bytearray, memoryview)):
+            elif t is not bytes:  # subclasses: bool, enum members, bytearray ...
+                if isinstance(a, int):
+                    a = b"%d" % a
+                elif isinstance(a, str):
+                    a = str(a).encode()
+                elif isinstance(a, (bytes, bytearray, memoryview)):
                     a = bytes(a)
-                elif isinstance(a, (str, int)):  # bool, enum members, str subclasses
-                    a = str(int(a) if isinstance(a, int) else a).encode()
                 else:
                     raise TypeError(f"cannot send a {t.__name__} to Redis")
             append(b"$%d\r\n%b\r\n" % (len(a), a))
@@ -136,15 +135,12 @@ async def run_pipeline(redis, build: Callable[[Pipe], None], scripts: tuple[Scri
         return []
     for attempt in (0, 1):
         replies = await round_trip(redis, pipe.commands, timeout)
-        for r in replies:
-            if isinstance(r, ResponseError):
-                break
-        else:
+        first = next((r for r in replies if isinstance(r, ResponseError)), None)
+        if first is None:
             return replies
         if scripts and not attempt and any(isinstance(r, NoScriptError) for r in replies):
             for s in scripts:
                 await redis.script_load(s.text)
             continue
-        first = next(r for r in replies if isinstance(r, ResponseError))
         raise first
     raise AssertionError("unreachable")

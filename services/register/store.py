@@ -32,11 +32,9 @@ class SessionStore:
             return 0
 
         def build(pipe) -> None:
-            members: dict[str, list[str]] = {}  # one SADD per instance, not per session
             for s in sessions:
                 pipe.hset(keys.user_key(s.uid), s.session_id, s.SerializeToString())
-                members.setdefault(s.instance, []).append(keys.member(s.uid, s.session_id))
-            for instance, names in members.items():
+            for instance, names in _members_by_instance(sessions).items():  # one SADD per instance
                 pipe.sadd(keys.instance_key(instance), *names)
 
         await run_pipeline(self._redis, build)
@@ -51,11 +49,9 @@ class SessionStore:
         script = self._unregister
 
         def build(pipe) -> None:
-            members: dict[str, list[str]] = {}  # one SREM per instance, after the scripts
             for s in sessions:
                 script.queue(pipe, [keys.user_key(s.uid)], [s.session_id, s.instance])
-                members.setdefault(s.instance, []).append(keys.member(s.uid, s.session_id))
-            for instance, names in members.items():
+            for instance, names in _members_by_instance(sessions).items():  # after the scripts
                 pipe.srem(keys.instance_key(instance), *names)
 
         results = await run_pipeline(self._redis, build, (script,))
@@ -118,3 +114,11 @@ class SessionStore:
                 break
         m.UNREGISTERED.labels("drop_instance").inc(removed)
         return removed
+
+
+def _members_by_instance(sessions: Sequence[internal_pb2.Session]) -> dict[str, list[str]]:
+    """Instance-set members of ``sessions``, grouped by instance: one SADD/SREM per instance."""
+    out: dict[str, list[str]] = {}
+    for s in sessions:
+        out.setdefault(s.instance, []).append(keys.member(s.uid, s.session_id))
+    return out

@@ -15,7 +15,6 @@ class RoomConfig:
     metrics_port: int = 0          # 0 = pick a free port (reported in discovery)
     shared_port: int = 0           # >0: every instance of the host also accepts here (SO_REUSEPORT)
     instances: int = 1             # processes started by `pylon room` (one event loop each)
-    instance_index: int = 0
     target_connections: int = 0    # when set and instances == 0: instances = ceil(target / per_instance_connections)
     per_instance_connections: int = 18_000  # under the 20,000 open-file cap, leaving room for gRPC/Redis sockets
     backlog: int = 8192            # listen backlog; a small one overflows in a connect storm

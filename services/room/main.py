@@ -24,27 +24,20 @@ def add_arguments(p) -> None:
                         "connections); the dispatcher still hands out each instance's own port")
     p.add_argument("--instances", type=int, help="instance processes to start (0 = from --target-connections)")
     p.add_argument("--target-connections", type=int, help="size the instance count for this many connections")
-    p.add_argument("--instance-index", type=int, help=_hidden())
-
-
-def _hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def main(args) -> int:
     from services.room.config import RoomConfig
 
     overrides = {k: getattr(args, k, None) for k in ("listen_host", "port", "grpc_port", "metrics_port", "shared_port",
-                                                      "instances", "target_connections", "instance_index")}
+                                                      "instances", "target_connections")}
     try:
         common, cfg = config.load(RoomConfig, "room", args.config, **overrides)
     except config.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
     logs.setup("room", common.log_level)
-    if args.instance_index is None and cfg.instance_count() > 1:
+    if cfg.instance_count() > 1:
         return supervise(common, cfg)
     return runtime.run(lambda stop: serve(common, cfg, stop))
 
@@ -64,15 +57,13 @@ def supervise(common, cfg) -> int:
     between instances (copy-on-write) instead of being built again in each. Nothing that starts
     threads or opens sockets (event loop, gRPC, Redis) exists before the fork."""
     import dataclasses
-    import gc
 
     k = cfg.instance_count()
     _preload()
-    gc.collect()
-    gc.freeze()
+    runtime.settle_gc()
     pids: list[int] = []
     for i in range(k):
-        icfg = dataclasses.replace(cfg, instances=1, instance_index=i, port=cfg.port + i, grpc_port=cfg.grpc_port + i,
+        icfg = dataclasses.replace(cfg, instances=1, port=cfg.port + i, grpc_port=cfg.grpc_port + i,
                                    metrics_port=cfg.metrics_port + i if cfg.metrics_port else 0)
         pid = os.fork()
         if pid == 0:
