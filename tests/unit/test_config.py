@@ -22,6 +22,10 @@ def test_env_shortcut_for_common():
     ({"bogus": 1}, "unknown setting"),
     ({"heartbeat_min_s": 500, "heartbeat_max_s": 100}, "heartbeat_min_s"),
     ({"max_frame": 10}, "max_frame"),
+    ({"shared_port": 70000}, "room.shared_port"),
+    ({"storm_batch_items": 0}, "room.storm_batch_items"),
+    ({"storm_batch_delay_ms": -1}, "room.storm_batch_delay_ms"),
+    ({"connect_batch_delay_ms": 60_000}, "room.connect_batch_delay_ms"),
 ])
 def test_bad_config_is_a_clear_error(values, needle):
     with pytest.raises(ConfigError) as err:
