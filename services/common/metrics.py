@@ -19,6 +19,8 @@ RPC_SECONDS = Histogram(
     ["service", "method", "outcome"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+RPC_FAILOVERS = Counter(
+    "pylon_rpc_failovers_total", "Calls tried again on another instance after UNAVAILABLE", ["service", "method"])
 QUEUE_DEPTH = Gauge("pylon_queue_depth", "Items waiting in a bounded queue", ["queue"])
 SHED = Counter("pylon_shed_total", "Items refused because a bounded queue was full", ["queue"])
 ERRORS = Counter("pylon_errors_total", "Errors by kind (whose fault: peer, backend, bug)", ["kind"])

@@ -8,8 +8,9 @@ and the replies are read back raw (HGETALL is a dict under RESP3, a flat list un
 one deadline for the whole batch. Connections still come from the client's redis-py pool, which
 connects, authenticates and replaces dead connections.
 
-Every command the stores pipeline is idempotent, so replaying a pipeline after NOSCRIPT is
-harmless.
+A pipeline is sent again in two cases only: after NOSCRIPT (Redis ran none of its scripts, and
+the stores' other commands are idempotent), and when a pooled connection turns out to have been
+closed by Redis before it read anything (see ``round_trip``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import math
 from collections.abc import Callable
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -99,29 +101,42 @@ def pack(commands: list[tuple]) -> bytes:
 async def round_trip(redis, commands: list[tuple], timeout: float = DEFAULT_TIMEOUT_S) -> list:
     """Send ``commands`` in one write and read every reply; an error reply is returned in place
     (a ResponseError instance), a connection problem raises redis's ConnectionError/TimeoutError
-    and the connection is dropped (its stream may be mid-reply)."""
+    and the connection is dropped (its stream may be mid-reply).
+
+    A pooled connection that Redis closed while it sat idle (a restart, ``CLIENT KILL``, its
+    ``timeout`` setting, a proxy) is not always noticed by the pool: the first batch sent on it
+    reads "Connection closed by server". When that happens before any reply was read, the batch
+    goes once more on a fresh connection; Redis closed the connection before it read the batch."""
     packed = pack(commands)
     pool = redis.connection_pool
-    conn = await pool.get_connection()
-    try:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for attempt in (0, 1):
+        conn = await pool.get_connection()
         replies: list = []
         try:
-            async with asyncio.timeout(timeout):
-                await conn.send_packed_command(packed, check_health=False)
-                read = conn.read_response
-                for _ in range(len(commands)):
-                    try:
-                        replies.append(await read(timeout=math.inf))
-                    except ResponseError as exc:
-                        replies.append(exc)
-        except TimeoutError:
-            raise RedisTimeoutError(f"Redis did not answer {len(commands)} commands within {timeout}s") from None
-        return replies
-    except BaseException:
-        await conn.disconnect(nowait=True)
-        raise
-    finally:
-        await pool.release(conn)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await conn.send_packed_command(packed, check_health=False)
+                    read = conn.read_response
+                    for _ in range(len(commands)):
+                        try:
+                            replies.append(await read(timeout=math.inf))
+                        except ResponseError as exc:
+                            replies.append(exc)
+            except TimeoutError:
+                raise RedisTimeoutError(f"Redis did not answer {len(commands)} commands within {timeout}s") from None
+            return replies
+        except RedisConnectionError:
+            await conn.disconnect(nowait=True)
+            if attempt or replies:
+                raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+    raise AssertionError("unreachable")
 
 
 async def run_pipeline(redis, build: Callable[[Pipe], None], scripts: tuple[Script, ...] = (),

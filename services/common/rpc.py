@@ -40,6 +40,12 @@ SERVER_OPTIONS = [
 ]
 
 
+# how long a target that answered UNAVAILABLE is skipped by picks (at least; else the discovery TTL)
+AVOID_MIN_S = 5.0
+# below this much deadline left, a failed call is not tried again elsewhere
+MIN_RETRY_S = 0.05
+
+
 class NoInstanceError(Exception):
     """No live instance of the service is known to discovery."""
 
@@ -79,6 +85,7 @@ class ServiceClient:
         self.stub_cls = stub_cls
         self.deadline_s = deadline_s
         self._stubs: dict[str, Any] = {}
+        self._avoid: dict[str, float] = {}  # target -> monotonic time until which picks skip it
         self._sem = asyncio.Semaphore(max_in_flight)
 
     def stub_for(self, target: str) -> Any:
@@ -98,19 +105,56 @@ class ServiceClient:
             live = [i for i in await self.discovery.instances(self.service, fresh=True) if i.grpc]
         if not live:
             raise NoInstanceError(f"no live {self.service} instance")
+        if self._avoid:
+            now = time.monotonic()
+            usable = [i for i in live if self._avoid.get(i.grpc, 0.0) <= now]
+            if usable:
+                live = usable  # all of them failing lately: try them anyway rather than nothing
         if key is None:
             return random.choice(live)
         return live[hash(key) % len(live)]
 
-    async def call(self, method: str, request: Any, target: str | None = None, deadline_s: float | None = None) -> Any:
-        if target is None:
-            target = (await self.pick()).grpc
+    async def call(self, method: str, request: Any, target: str | None = None, deadline_s: float | None = None,
+                   failover: bool = True) -> Any:
+        """Call ``method`` on ``target``, or on an instance picked from discovery. A picked
+        instance that answers UNAVAILABLE (stopped, unreachable, or its own backend down) is
+        avoided for a while, and with ``failover`` the call goes once more to another instance
+        within what is left of the deadline (a stopped instance lingers in discovery until its record
+        is withdrawn or expires). Callers pass ``failover=False`` for a method that is not safe
+        to run twice."""
+        deadline = deadline_s or self.deadline_s
+        if target is not None:
+            return await self._call(target, method, request, deadline)
+        started = time.monotonic()
+        first = (await self.pick()).grpc
+        try:
+            return await self._call(first, method, request, deadline)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            self._shun(first)
+            left = deadline - (time.monotonic() - started)
+            if not failover or left < MIN_RETRY_S:
+                raise
+            second = (await self.pick()).grpc
+            if second == first:
+                raise
+            metrics.RPC_FAILOVERS.labels(self.service, method).inc()
+            return await self._call(second, method, request, left)
+
+    def _shun(self, target: str) -> None:
+        now = time.monotonic()
+        if len(self._avoid) >= 64:
+            self._avoid = {t: until for t, until in self._avoid.items() if until > now}
+        self._avoid[target] = now + max(self.discovery.ttl_s, AVOID_MIN_S)
+
+    async def _call(self, target: str, method: str, request: Any, deadline_s: float) -> Any:
         stub = self.stub_for(target)
         started = time.perf_counter()
         outcome = "ok"
         try:
             async with self._sem:
-                return await getattr(stub, method)(request, timeout=deadline_s or self.deadline_s)
+                return await getattr(stub, method)(request, timeout=deadline_s)
         except grpc.aio.AioRpcError as exc:
             outcome = exc.code().name.lower()
             raise

@@ -59,7 +59,8 @@ class RoomBackends:
         await self.saver_client.call("Ack", ipb.MessageRefs(refs=refs))
 
     async def _upstream(self, items: list[ipb.UpstreamItem]) -> list[bool]:
-        reply = await self.coordinator_client.call("Upstream", ipb.UpstreamBatch(items=items))
+        # not tried again elsewhere: a coordinator that failed mid-call may have posted to the app already
+        reply = await self.coordinator_client.call("Upstream", ipb.UpstreamBatch(items=items), failover=False)
         accepted = list(reply.accepted)
         return accepted + [False] * (len(items) - len(accepted))
 

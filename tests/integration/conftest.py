@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 
 from services.launcher.cluster import LocalCluster, Ports
+from tests.stores import own_stores
 
 # Short limits so idle and handshake timeouts are testable in seconds.
 TEST_ENV = {
@@ -22,7 +22,7 @@ TEST_ENV = {
 @pytest.fixture(scope="session")
 def cluster(backing_stores):
     common, tmp = backing_stores
-    common = dataclasses.replace(common, mysql_database="pylon_e2e")
+    common = own_stores(common, "cluster", mysql_database="pylon_e2e")
     c = LocalCluster(os.path.join(tmp, "cluster"), Ports.free(2), room_instances=2, common=common, env=TEST_ENV)
     c.start()
     c.create_demo_app()

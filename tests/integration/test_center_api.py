@@ -23,9 +23,9 @@ from services.common.discovery import Discovery, Instance
 from services.common.pb import internal_pb2 as pb
 from services.common.pb import internal_pb2_grpc as pbg
 from services.launcher import backing, procs
+from tests.stores import own_stores
 
 ADMIN_KEY = "test-admin-key-" + uuid.uuid4().hex[:8]
-REDIS_DB = 3
 
 
 def uid() -> str:
@@ -43,8 +43,7 @@ class Center:
 @pytest.fixture(scope="module")
 def center(backing_stores):
     cfg, tmp = backing_stores
-    common = dataclasses.replace(cfg, redis_url=cfg.redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}",
-                                 mysql_database="pylon_center_it")
+    common = own_stores(cfg, "center_api", mysql_database="pylon_center_it")
     env = procs.common_env(common, {"PYLON_CENTER_ADMIN_KEY": ADMIN_KEY})
     logs = f"{tmp}/center-it"
     h = "127.0.0.1"

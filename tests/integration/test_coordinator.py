@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import subprocess
 import sys
@@ -27,8 +26,8 @@ from services.common.pb import internal_pb2 as pb
 from services.common.pb import internal_pb2_grpc as pbg
 from services.coordinator.webhook_signing import verify
 from services.launcher import backing, procs
+from tests.stores import own_stores
 
-REDIS_DB = 7  # a database of its own: the fake room announced here must not reach other tests' clusters
 COORD_ENV = {
     "PYLON_COORDINATOR_WEBHOOK_BACKOFF_BASE_S": "0.05",
     "PYLON_COORDINATOR_WEBHOOK_BACKOFF_CAP_S": "0.2",
@@ -41,8 +40,7 @@ COORD_ENV = {
 @pytest.fixture(scope="module")
 def common(backing_stores):
     cfg, _ = backing_stores
-    base = cfg.redis_url.rsplit("/", 1)[0]
-    return dataclasses.replace(cfg, redis_url=f"{base}/{REDIS_DB}")
+    return own_stores(cfg, "coordinator")  # the fake room announced here must not reach the cluster
 
 
 @pytest.fixture(scope="module")

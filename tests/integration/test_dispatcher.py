@@ -16,8 +16,7 @@ from services.common import runtime
 from services.common.discovery import Discovery, Instance
 from services.dispatcher import routing
 from services.launcher import backing, procs
-
-REDIS_DB = 4
+from tests.stores import own_stores
 
 
 @dataclasses.dataclass
@@ -29,7 +28,7 @@ class Dispatcher:
 @pytest.fixture(scope="module")
 def dispatcher(backing_stores):
     cfg, tmp = backing_stores
-    common = dataclasses.replace(cfg, redis_url=cfg.redis_url.rsplit("/", 1)[0] + f"/{REDIS_DB}")
+    common = own_stores(cfg, "dispatcher")
     port = backing.free_port()
     proc = procs.start("dispatcher-it", ["dispatcher", "--host", "127.0.0.1", "--port", str(port)],
                        procs.common_env(common), f"{tmp}/dispatcher-it", wait_for=[("127.0.0.1", port)])

@@ -3,11 +3,17 @@ reload, and a connection that died under it."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from services.common.redis_scripts import Script, run_pipeline
 from services.common.runtime import redis_client
+from services.launcher import backing
+from tests.stores import own_stores
 
 ECHO = Script("return ARGV[1]")
 
@@ -15,7 +21,7 @@ ECHO = Script("return ARGV[1]")
 @pytest.fixture
 async def redis(backing_stores):
     cfg, _ = backing_stores
-    client = redis_client(cfg.redis_url, fail_fast=True)
+    client = redis_client(own_stores(cfg, "redis_pipeline").redis_url, fail_fast=True)
     await client.delete("pipetest:h", "pipetest:s", "pipetest:z")
     yield client
     await client.aclose()
@@ -56,10 +62,37 @@ async def test_noscript_loads_and_replays(redis):
     assert r == [b"hi"]
 
 
-async def test_killed_connection_is_replaced(redis):
-    assert await run_pipeline(redis, lambda p: p.execute_command("PING")) in ([b"PONG"], ["PONG"], [True])
-    await redis.client_kill_filter(_type="normal", skipme=True)
-    # the pool notices the closed connection and hands out a fresh one
+async def _kill_idle_connections(redis, killer) -> int:
+    """Close, from another client, every connection this test's pool holds (Redis side)."""
+    db = int(redis.connection_pool.connection_kwargs.get("db", 0))
+    ids = [c["id"] for c in await killer.client_list() if int(c["db"]) == db and c["cmd"] != "client|list"]
+    for cid in ids:
+        await killer.client_kill_filter(_id=cid)
+    return len(ids)
+
+
+async def test_connections_closed_while_idle_are_replaced_without_an_error(redis, backing_stores):
+    """Redis closed every pooled connection while idle: the next batches still succeed (the
+    first on each stale connection is sent again on a fresh one)."""
+    ping = await asyncio.gather(*(run_pipeline(redis, lambda p: p.execute_command("PING")) for _ in range(4)))
+    assert len(ping) == 4 and len(redis.connection_pool._available_connections) == 4
+    killer = redis_client(backing_stores[0].redis_url)
+    try:
+        assert await _kill_idle_connections(redis, killer) == 4
+    finally:
+        await killer.aclose()
+    await asyncio.sleep(0.2)
     for _ in range(3):
-        r = await run_pipeline(redis, lambda p: p.execute_command("ECHO", "again"))
-        assert r == [b"again"]
+        assert await asyncio.gather(*(run_pipeline(redis, lambda p: p.execute_command("ECHO", "again"))
+                                      for _ in range(4))) == [[b"again"]] * 4
+
+
+async def test_a_dead_redis_still_fails_at_once(backing_stores):
+    client = redis_client(f"redis://127.0.0.1:{backing.free_port()}/0", fail_fast=True)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError):
+            await run_pipeline(client, lambda p: p.execute_command("PING"))
+        assert time.monotonic() - started < 2
+    finally:
+        await client.aclose()

@@ -13,6 +13,7 @@ from services.common.discovery import Discovery
 from services.common.pb import internal_pb2 as pb
 from services.common.pb import internal_pb2_grpc as pbg
 from services.launcher import backing, procs
+from tests.stores import own_stores
 
 
 def _start(cfg, tmp, name: str):
@@ -23,8 +24,14 @@ def _start(cfg, tmp, name: str):
 
 
 @pytest.fixture(scope="module")
-def register_proc(backing_stores):
+def register_cfg(backing_stores):
     cfg, tmp = backing_stores
+    return own_stores(cfg, "register"), tmp
+
+
+@pytest.fixture(scope="module")
+def register_proc(register_cfg):
+    cfg, tmp = register_cfg
     proc, port, mport = _start(cfg, tmp, "register-it")
     yield proc, port, mport
     assert proc.stop() == 0, proc.log_text()[-3000:]
@@ -73,8 +80,8 @@ async def test_unregister_removes_only_owned_sessions(stub):
     assert [s.session_id for s in by_uid["reg-u"]] == ["s2"]
 
 
-async def test_session_resumed_elsewhere_survives_old_instance(stub, backing_stores):
-    cfg, _ = backing_stores
+async def test_session_resumed_elsewhere_survives_old_instance(stub, register_cfg):
+    cfg, _ = register_cfg
     await stub.Register(pb.SessionBatch(sessions=[session("reg-r", "sr", "room-OLD"),
                                                   session("reg-r2", "sx", "room-OLD")]), timeout=5)
     # the client flash-reconnects to another instance with its resume token: same session id
@@ -132,8 +139,8 @@ async def test_bad_requests_are_invalid_argument(stub, call):
     assert info.value.details().startswith("register.")
 
 
-async def test_announced_in_discovery_with_metrics(register_proc, backing_stores, stub):
-    cfg, _ = backing_stores
+async def test_announced_in_discovery_with_metrics(register_proc, register_cfg, stub):
+    cfg, _ = register_cfg
     _, port, mport = register_proc
     redis = runtime.redis_client(cfg.redis_url)
     try:

@@ -17,6 +17,7 @@ from services.common import runtime
 from services.common.pb import internal_pb2 as pb
 from services.common.pb import internal_pb2_grpc as pbg
 from services.launcher import backing, procs
+from tests.stores import own_stores
 
 MAX_ATTEMPTS = 3
 ACK_RETENTION_S = 3
@@ -40,7 +41,7 @@ def _start(cfg, tmp, name: str, extra_env: dict[str, str] | None = None):
 @pytest.fixture(scope="module")
 def saver_cfg(backing_stores):
     cfg, tmp = backing_stores
-    return dataclasses.replace(cfg, mysql_database="pylon_saver_it"), tmp
+    return own_stores(cfg, "saver", mysql_database="pylon_saver_it"), tmp
 
 
 @pytest.fixture(scope="module")
