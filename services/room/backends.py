@@ -7,15 +7,21 @@ milliseconds (DESIGN.md §2: one RPC must carry hundreds of items). Queues are b
 
 from __future__ import annotations
 
+import asyncio
 import logging
+
+import grpc
 
 from services.common.batching import Batcher
 from services.common.pb import internal_pb2 as ipb
 from services.common.pb import internal_pb2_grpc as igrpc
-from services.common.rpc import ChannelPool, ServiceClient
+from services.common.rpc import ChannelPool, NoInstanceError, ServiceClient
 from services.room.config import RoomConfig
 
 log = logging.getLogger(__name__)
+
+ACK_RETRY_PAUSES_S = (0.25, 1.0, 2.0)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RoomBackends:
@@ -56,7 +62,20 @@ class RoomBackends:
         await self.saver_client.call("MarkDelivered", ipb.MessageRefs(refs=refs))
 
     async def _ack(self, refs: list[ipb.MessageRef]) -> None:
-        await self.saver_client.call("Ack", ipb.MessageRefs(refs=refs))
+        # An ack lost here is delivered again only at the client's next connect, so a short saver
+        # or Redis outage is ridden out: a few tries, while later acks keep gathering in the queue.
+        request = ipb.MessageRefs(refs=refs)
+        for pause in ACK_RETRY_PAUSES_S:
+            try:
+                await self.saver_client.call("Ack", request)
+                return
+            except (grpc.aio.AioRpcError, NoInstanceError) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in RETRYABLE:
+                    raise
+                log.warning("room_ack: %d acks not stored yet (%s), trying again in %.1fs", len(refs),
+                            exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else exc, pause)
+                await asyncio.sleep(pause)
+        await self.saver_client.call("Ack", request)
 
     async def _upstream(self, items: list[ipb.UpstreamItem]) -> list[bool]:
         # not tried again elsewhere: a coordinator that failed mid-call may have posted to the app already
