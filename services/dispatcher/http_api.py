@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -97,15 +98,19 @@ class DispatcherApi:
         uids = body.get("uids") if isinstance(body, dict) else None
         if not isinstance(uids, list) or not uids or len(uids) > MAX_BATCH_UIDS:
             raise routing.InvalidQuery(f"uids must be a list of 1..{MAX_BATCH_UIDS} uids")
-        rooms = await self.discovery.instances("room")
-        out = {}
+        params = {k: str(body[k]) for k in ("net", "region", "count", "exclude") if k in body}
+        params["uid"] = "-"
+        shared = routing.parse_query(params, self.cfg.default_count, self.cfg.max_count, self.cfg.max_exclude)
         for uid in uids:
             if not isinstance(uid, str):
                 raise routing.InvalidQuery("every uid must be a string")
-            params = {k: str(body[k]) for k in ("net", "region", "count", "exclude") if k in body}
-            params["uid"] = uid
-            query = routing.parse_query(params, self.cfg.default_count, self.cfg.max_count, self.cfg.max_exclude)
-            out[uid] = routing.route_view(routing.choose(rooms, query, self.cfg.load_step))["rooms"]
+            routing.check_uid(uid)
+        # every uid of the batch has the same filters: the candidate rooms are found once
+        found = routing.candidates(await self.discovery.instances("room"), shared)
+        out = {}
+        for uid in uids:
+            route = routing.choose((), dataclasses.replace(shared, uid=uid), self.cfg.load_step, found)
+            out[uid] = routing.route_view(route)["rooms"]
         ROUTE_SECONDS.observe(time.perf_counter() - started)
         return json_response({"routes": out})
 

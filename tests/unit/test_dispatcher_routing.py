@@ -201,3 +201,36 @@ def test_sticky_room_alone_is_the_head_of_the_full_order():
     for r in rooms:
         r.load = 1000  # all full: still the sticky one
     assert order_rooms("u", rooms, count=1) == order_rooms("u", rooms)[:1]
+
+
+def test_sticky_room_is_the_rendezvous_winner_of_the_uids_bucket():
+    from services.dispatcher import routing
+
+    rooms = [room(i, host=f"10.0.0.{i % 3}") for i in range(56)]
+    for i in range(300):
+        uid = f"user-{i}"
+        bucket = routing.sticky_bucket(uid)
+        want = max(rooms, key=lambda r: (hrw_score(f"#{bucket}", r.id), r.id))
+        assert order_rooms(uid, rooms, count=1) == [want]
+        # past the ranking kept per bucket (every kept room full), the next one in the full ranking
+        ranked = sorted(rooms, key=lambda r: (hrw_score(f"#{bucket}", r.id), r.id), reverse=True)
+        full = {r.id for r in ranked[:routing.STICKY_DEPTH]}
+        loaded = [room(int(r.port) - 7000, host=r.host, load=1000 if r.id in full else 0) for r in rooms]
+        assert order_rooms(uid, loaded, count=1)[0].id == ranked[routing.STICKY_DEPTH].id
+
+
+def test_sticky_spread_over_many_rooms_is_even():
+    rooms = [room(i, host=f"10.0.0.{i % 3}") for i in range(56)]
+    counts: dict[str, int] = {}
+    n = 20_000
+    for i in range(n):
+        r = order_rooms(f"spread-{i}", rooms, count=1)[0]
+        counts[r.id] = counts.get(r.id, 0) + 1
+    assert len(counts) == 56
+    assert max(counts.values()) < 1.3 * n / 56 and min(counts.values()) > 0.7 * n / 56
+
+
+def test_fewer_rooms_than_the_ranking_depth_all_full():
+    rooms = [room(i, load=1000) for i in range(2)]
+    assert order_rooms("x", rooms, count=1) == order_rooms("x", rooms)[:1]
+    assert order_rooms("x", rooms[:1], count=1) == rooms[:1]
