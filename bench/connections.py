@@ -36,6 +36,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+INFLIGHT_TOTAL = 16_000
 PER_WORKER = 18_000
 SYSCTLS = {
     "net.core.somaxconn": "65535",
@@ -490,9 +491,13 @@ def main() -> int:
     p.add_argument("--rooms", type=int, default=0, help="room instances (default: sized for --connections)")
     p.add_argument("--hold-s", type=float, default=60, help="hold time after the last connect")
     p.add_argument("--heartbeat-s", type=int, default=300, help="heartbeat the clients ask for")
-    # 200 capped the rate once rooms batch the connect path for up to 250 ms in a storm (2 workers:
-    # 400 / 0.25 s = 1,600 connects/s at 36k); 1,000 lets CPU be the limit
-    p.add_argument("--inflight", type=int, default=1000, help="handshakes in flight per worker")
+    # 200 per worker capped the rate once rooms batch the connect path in a storm (2 workers: 400 /
+    # 0.25 s = 1,600 connects/s at 36k); 1,000 lets CPU be the limit. But 56 workers x 1,000 = 56k
+    # handshakes in flight at ~6.5k/s is a ~9 s queue, mostly in the rooms' accept queues, and at
+    # 1M its tail passed the 60 s handshake timeout (5 and 5,969 in two runs). So the default is
+    # 1,000 per worker up to INFLIGHT_TOTAL in flight in all.
+    p.add_argument("--inflight", type=int, default=0,
+                   help=f"handshakes in flight per worker (default: 1,000, at most {INFLIGHT_TOTAL:,} over all workers)")
     p.add_argument("--connect-timeout-s", type=float, default=900)
     p.add_argument("--sources", type=int, default=32, help="loopback source addresses")
     p.add_argument("--attempts", type=int, default=6, help="connect attempts per uid when refused with a retry-after")
@@ -560,6 +565,8 @@ def main() -> int:
         result["room_baseline_threads"] = _threads(room_pids[0]) if room_pids else 0
         n_workers = -(-n // PER_WORKER)
         per = -(-n // n_workers)
+        if not args.inflight:
+            args.inflight = max(200, min(1000, INFLIGHT_TOTAL // n_workers))
         for w in range(n_workers):
             count = min(per, n - w * per)
             # --secret=...: a base64url secret may start with "-", which argparse would take for an option
@@ -693,6 +700,7 @@ def main() -> int:
                 fails[k] = fails.get(k, 0) + v
         result["failed_kinds"] = fails
         result["workers"] = len(workers)
+        result["inflight_per_worker"] = args.inflight
     finally:
         for wp in workers:
             if wp.poll() is None:
