@@ -131,14 +131,6 @@ class Lines:
         return [ln.decode() for ln in lines if ln.strip()]
 
 
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
-
-
 def set_sysctls(keys) -> tuple[dict, dict]:
     """Apply SYSCTLS[keys]; return (what was applied, the previous values to restore)."""
     applied, previous = {}, {}
@@ -527,6 +519,7 @@ def main() -> int:
         return 2
 
     from services.launcher.cluster import ROOM_NICE, LocalCluster, Ports
+    from services.launcher.procs import children
     from services.room.config import RoomConfig
 
     n = args.connections

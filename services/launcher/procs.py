@@ -64,6 +64,15 @@ class ServiceProcess:
             return ""
 
 
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a room supervisor's instances), [] if it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
 def start(name: str, args: list[str], env: dict[str, str], log_dir: str, wait_for: list[tuple[str, int]] = (),
           timeout_s: float = 30.0, pid_dir: str | None = None, nice: int = 0) -> ServiceProcess:
     """Start ``pylon <args>`` as a child (``nice`` added to its niceness); wait until every

@@ -51,6 +51,11 @@ class RoomConfig:
     max_flushes_in_flight: int = 1  # 100k connect storm: server CPU per connect 364 -> 306 us vs 4
     max_pending_auth: int = 20_000  # handshakes waiting on register; past it AUTH gets OVERLOADED
     overload_retry_ms: int = 2_000
+    # Connections the kernel has completed but this instance has not accepted yet wait unseen. While
+    # that queue holds more than this many seconds of the accept rate (at least 100/s assumed), new
+    # AUTHs get OVERLOADED with the retry-after instead of the full handshake, so clients back off
+    # with an answer rather than time out (the SDK waits 10 s for AUTH_OK). 0 = never.
+    accept_wait_shed_s: float = 5.0
     drain_timeout_s: float = 10.0
     app_refresh_s: float = 5.0
 
@@ -71,6 +76,7 @@ class RoomConfig:
             require(0 <= getattr(self, name) <= 5000, f"room.{name}", "must be within 0..5000 ms")
         require(self.storm_batch_items >= 1, "room.storm_batch_items", "must be >= 1")
         require(self.max_flushes_in_flight >= 1, "room.max_flushes_in_flight", "must be >= 1")
+        require(0 <= self.accept_wait_shed_s <= 3600, "room.accept_wait_shed_s", "must be within 0..3600 s (0 = never)")
 
     def heartbeat_for(self, net: str) -> int:
         if net == "wifi" or net == "ethernet":

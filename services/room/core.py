@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable, Iterable
 
@@ -30,6 +32,17 @@ log = logging.getLogger(__name__)
 MAX_IDS_PER_ACK = 4096
 # Keep a PUSH frame this far under max_frame so that header and protobuf framing always fit.
 PUSH_FRAME_SLACK = 512
+# The accept rate a shedding decision assumes at least: a quiet instance accepts ~0/s, and must
+# not shed the first burst of a storm before it has shown what it can take (one instance does
+# ~100-1,000/s here), nor what queued during a short stall such as a GC pause.
+ACCEPT_RATE_FLOOR = 100.0
+
+
+def accept_queue_length(sock) -> int:
+    """Connections waiting in a listening socket's accept queue: Linux reports it in TCP_INFO's
+    ``tcpi_unacked`` for a socket in LISTEN (and the backlog in ``tcpi_sacked``)."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", raw, 24)[0]
 
 
 class AuthFailure(Exception):
@@ -55,6 +68,12 @@ class RoomInstance:
         self.draining = False
         self._next_sid = 0
         self._tick_task: asyncio.Task | None = None
+        self.listeners: list = []  # listening sockets, for their accept-queue length
+        self.accepted = 0          # connections accepted since start
+        self.accept_rate = 0.0     # smoothed accepts per second
+        self._accepted_before = 0
+        self._accept_checked_at = clock()
+        self.shedding = False
         self._pong_bodies: dict[int, bytes] = {}
         self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._nets: dict[str, str] = {}
@@ -78,6 +97,36 @@ class RoomInstance:
                 self.wheel.advance(int(self.clock()), self._expire)
             except Exception:
                 log.exception("heartbeat wheel tick failed")
+            if self.listeners:
+                self.check_accept_queue()
+
+    def check_accept_queue(self) -> None:
+        """Read how many connections wait in the listen sockets' accept queues (TCP_INFO of a
+        listening socket carries it) and shed AUTHs while that is more than
+        ``accept_wait_shed_s`` of the accept rate (at least ``ACCEPT_RATE_FLOOR``): those
+        clients would otherwise wait unseen past their AUTH timeout and come back anyway,
+        without a retry-after to spread them. A shed AUTH costs a fraction of a full one, so
+        the queue drains faster for everyone behind it."""
+        waiting = 0
+        for sock in self.listeners:
+            try:
+                waiting += accept_queue_length(sock)
+            except OSError:
+                pass
+        now = self.clock()
+        elapsed = max(now - self._accept_checked_at, 1e-3)
+        # accepts per second, smoothed over ~5 ticks so one stalled second does not look like no capacity
+        self.accept_rate += 0.2 * ((self.accepted - self._accepted_before) / elapsed - self.accept_rate)
+        self._accept_checked_at, self._accepted_before = now, self.accepted
+        shed_s = self.cfg.accept_wait_shed_s
+        rate = max(self.accept_rate, ACCEPT_RATE_FLOOR)
+        shedding = bool(shed_s) and waiting > rate * shed_s
+        if shedding != self.shedding:
+            log.warning("%s AUTHs: %d connections wait to be accepted, ~%.0f accepted/s",
+                        "shedding" if shedding else "no longer shedding", waiting, self.accept_rate)
+        self.shedding = shedding
+        m.ACCEPT_QUEUE.children[""].n = waiting
+        m.ACCEPT_SHEDDING.children[""].n = int(shedding)
 
     def drain(self, frame: bytes) -> int:
         """Write ``frame`` (COMMAND RECONNECT) to every connection and close it; returns how many."""
@@ -96,6 +145,7 @@ class RoomInstance:
     # ------------------------------------------------------------------ connection events
     def on_connect(self, conn: ClientConnection) -> None:
         m.CONNECTIONS.inc()
+        self.accepted += 1
         self.connections.add(conn)
         conn.transport.set_write_buffer_limits(high=self.cfg.write_buffer_limit)
         if self.draining:
@@ -168,6 +218,10 @@ class RoomInstance:
                 self.fail(conn, ErrorCode.PROTOCOL_VIOLATION, "the first frame must be AUTH")
                 return
             conn.state = AUTHENTICATING  # no second AUTH while this one is in progress
+            if self.shedding:  # before any token or protobuf work: the point is to answer cheaply
+                self.fail(conn, ErrorCode.OVERLOADED, "room is busy: too many connections waiting to be accepted",
+                          self.cfg.overload_retry_ms, seq=frame.seq)
+                return
             try:
                 auth = cpb.Auth.FromString(frame.body)
             except DecodeError:

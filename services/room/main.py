@@ -137,6 +137,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         # every instance listens here too; the kernel hashes each new connection to one of them
         servers.append(await loop.create_server(ClientConnection, cfg.listen_host, cfg.shared_port,
                                                 backlog=cfg.backlog, reuse_address=True, reuse_port=True))
+    room.listeners = [sock for srv in servers for sock in srv.sockets]
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
                                      [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)

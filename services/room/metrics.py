@@ -82,6 +82,10 @@ class _Collector:
 
 CONNECTIONS = Family("pylon_room_connections", "Open TCP connections (any state)", gauge=True)
 SESSIONS = Family("pylon_room_sessions", "Authenticated sessions", gauge=True)
+ACCEPT_QUEUE = Family("pylon_room_accept_queue",
+                      "Connections completed by the kernel and not yet accepted (read once a second)", gauge=True)
+ACCEPT_SHEDDING = Family("pylon_room_accept_shedding",
+                         "1 while AUTHs are refused OVERLOADED because the accept queue is seconds deep", gauge=True)
 AUTHS = Family("pylon_room_auths_total", "AUTH attempts by result", "result")
 FRAMES_IN = Family("pylon_room_frames_in_total", "Frames received by op", "op")
 FRAMES_OUT = Family("pylon_room_frames_out_total", "Frames sent by op", "op")
@@ -89,8 +93,8 @@ MESSAGES_OUT = Family("pylon_room_messages_delivered_total", "Messages written t
 ACKS = Family("pylon_room_acks_total", "Message ids acked by clients")
 CLOSED = Family("pylon_room_closed_total", "Connections closed by reason", "reason")
 UPSTREAM = Family("pylon_room_upstream_total", "UPSTREAM frames by outcome", "outcome")
-REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, AUTHS, FRAMES_IN, FRAMES_OUT, MESSAGES_OUT, ACKS, CLOSED,
-                              UPSTREAM]))
+REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, AUTHS, FRAMES_IN, FRAMES_OUT,
+                              MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
 frames_out = {int(op): FRAMES_OUT.labels(op.name) for op in Op}

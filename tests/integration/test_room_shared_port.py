@@ -37,7 +37,7 @@ async def test_instances_share_one_port(cluster):
         assert status == 200 and body["online"], body
         assert "Traceback" not in room.log_text()
         # SIGTERM to the supervisor drains every forked instance, and all of them exit
-        instance_pids = _children(room.proc.pid)
+        instance_pids = procs.children(room.proc.pid)
         assert len(instance_pids) == 2
         assert room.stop() == 0
         assert not [pid for pid in instance_pids if os.path.exists(f"/proc/{pid}")]
@@ -46,7 +46,3 @@ async def test_instances_share_one_port(cluster):
             await c.close()
         room.stop()
 
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(x) for x in fh.read().split()]
