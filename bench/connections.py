@@ -131,6 +131,26 @@ class Lines:
         return [ln.decode() for ln in lines if ln.strip()]
 
 
+def stuck_where(sock: socket.socket) -> str:
+    """Why a handshake got no answer, from the client socket: the answer is here but unread
+    (the load generator's fault), our AUTH is not even acknowledged by the server's kernel (the
+    connection never became a full server socket: SYN-RECV, a dropped ACK), or the server's
+    kernel has the AUTH and the room did not answer (still in the accept queue, or unread)."""
+    try:
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return "answer_unread"
+    except OSError:
+        pass
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return "unknown"
+    state, unacked = info[0], int.from_bytes(info[24:28], sys.byteorder)
+    if state != 1:  # not ESTABLISHED
+        return f"tcp_state_{state}"
+    return "auth_unacked" if unacked else "auth_acked_no_answer"
+
+
 def set_sysctls(keys) -> tuple[dict, dict]:
     """Apply SYSCTLS[keys]; return (what was applied, the previous values to restore)."""
     applied, previous = {}, {}
@@ -372,7 +392,7 @@ class Worker:
                 self.tick += 1
                 for fd, st in [(fd, st) for fd, st in self.pending.items()
                                if self.tick - st[2] >= self.HANDSHAKE_TIMEOUT_TICKS]:
-                    self._end(fd, st[0], st[1], 0, "handshake_timeout")
+                    self._end(fd, st[0], st[1], 0, "handshake_timeout:" + stuck_where(st[0]))
                 print(json.dumps({"t": round(now - started, 2), "held": self.held, "failed": self.failed,
                                   "errors": self.errors, "inflight": len(self.pending)}), flush=True)
             self.fill()
