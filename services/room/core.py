@@ -38,6 +38,18 @@ PUSH_FRAME_SLACK = 512
 ACCEPT_RATE_FLOOR = 100.0
 
 
+ACCEPT_WAIT_SAMPLE = 16  # 1 in this many accepted connections is timed
+ACCEPT_WAIT_BUCKETS = ((1000, "under_1s"), (10_000, "1s_to_10s"), (float("inf"), "over_10s"))
+
+
+def accept_wait_ms(sock) -> int:
+    """For a just-accepted connection, how long ago its last data arrived (TCP_INFO
+    ``tcpi_last_data_recv``; with no data yet, the kernel counts from when the connection was
+    completed): the time the client's AUTH, or the connection, waited for ``accept()``."""
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("I", raw, 52)[0]
+
+
 def accept_queue_length(sock) -> int:
     """Connections waiting in a listening socket's accept queue: Linux reports it in TCP_INFO's
     ``tcpi_unacked`` for a socket in LISTEN (and the backlog in ``tcpi_sacked``)."""
@@ -146,6 +158,8 @@ class RoomInstance:
     def on_connect(self, conn: ClientConnection) -> None:
         m.CONNECTIONS.inc()
         self.accepted += 1
+        if not self.accepted % ACCEPT_WAIT_SAMPLE:
+            self._time_accept(conn)
         self.connections.add(conn)
         conn.transport.set_write_buffer_limits(high=self.cfg.write_buffer_limit)
         if self.draining:
@@ -153,6 +167,19 @@ class RoomInstance:
             return
         conn.deadline = self._deadline(self.cfg.handshake_timeout_s)
         self.wheel.add(conn)
+
+    def _time_accept(self, conn: ClientConnection) -> None:
+        sock = conn.transport.get_extra_info("socket")
+        if sock is None:
+            return
+        try:
+            waited = accept_wait_ms(sock)
+        except OSError:
+            return
+        for limit, label in ACCEPT_WAIT_BUCKETS:
+            if waited < limit:
+                m.accept_waits[label].inc()
+                return
 
     def on_lost(self, conn: ClientConnection) -> None:
         if conn.state != CLOSED:

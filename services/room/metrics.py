@@ -84,6 +84,9 @@ CONNECTIONS = Family("pylon_room_connections", "Open TCP connections (any state)
 SESSIONS = Family("pylon_room_sessions", "Authenticated sessions", gauge=True)
 ACCEPT_QUEUE = Family("pylon_room_accept_queue",
                       "Connections completed by the kernel and not yet accepted (read once a second)", gauge=True)
+ACCEPT_WAITS = Family("pylon_room_accept_wait_sampled_total",
+                      "1 in 16 accepted connections, by how long their first data had waited for accept()",
+                      "waited")
 ACCEPT_SHEDDING = Family("pylon_room_accept_shedding",
                          "1 while AUTHs are refused OVERLOADED because the accept queue is seconds deep", gauge=True)
 AUTHS = Family("pylon_room_auths_total", "AUTH attempts by result", "result")
@@ -93,7 +96,7 @@ MESSAGES_OUT = Family("pylon_room_messages_delivered_total", "Messages written t
 ACKS = Family("pylon_room_acks_total", "Message ids acked by clients")
 CLOSED = Family("pylon_room_closed_total", "Connections closed by reason", "reason")
 UPSTREAM = Family("pylon_room_upstream_total", "UPSTREAM frames by outcome", "outcome")
-REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, AUTHS, FRAMES_IN, FRAMES_OUT,
+REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, AUTHS, FRAMES_IN, FRAMES_OUT,
                               MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
@@ -103,6 +106,7 @@ auth_ok = AUTHS.labels("ok")
 unicast_out = MESSAGES_OUT.labels("unicast")
 broadcast_out = MESSAGES_OUT.labels("broadcast")
 closed = {code: CLOSED.labels(code.name.lower()) for code in ErrorCode}
+accept_waits = {label: ACCEPT_WAITS.labels(label) for label in ("under_1s", "1s_to_10s", "over_10s")}
 closed_by_peer = CLOSED.labels("peer")
 closed_kick = CLOSED.labels("kick")
 closed_drain = CLOSED.labels("drain")

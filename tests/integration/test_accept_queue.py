@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from services.room.core import accept_queue_length
+from services.room.core import accept_queue_length, accept_wait_ms
 
 
 def test_accept_queue_length_counts_connections_not_yet_accepted():
@@ -28,4 +28,30 @@ def test_accept_queue_length_counts_connections_not_yet_accepted():
     finally:
         for c in clients:
             c.close()
+        lsock.close()
+
+
+def test_accept_wait_is_how_long_the_first_data_waited_for_accept():
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    client = socket.create_connection(lsock.getsockname(), timeout=5)
+    try:
+        client.sendall(b"AUTH")
+        time.sleep(0.3)
+        conn, _ = lsock.accept()
+        try:
+            assert 250 <= accept_wait_ms(conn) < 5000
+        finally:
+            conn.close()
+        fresh = socket.create_connection(lsock.getsockname(), timeout=5)
+        try:
+            fresh.sendall(b"AUTH")
+            conn, _ = lsock.accept()
+            assert accept_wait_ms(conn) < 250
+            conn.close()
+        finally:
+            fresh.close()
+    finally:
+        client.close()
         lsock.close()

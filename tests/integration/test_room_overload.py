@@ -48,6 +48,7 @@ async def test_handshake_storm_past_the_bound_gets_overloaded_with_retry_after(c
         assert 'pylon_room_auths_total{result="overloaded"} 8.0' in text
         # refused by the register bound, not by accept-queue shedding (the queue was never deep)
         assert "pylon_room_accept_queue 0.0" in text and "pylon_room_accept_shedding 0.0" in text
+        assert 'pylon_room_accept_wait_sampled_total{waited="over_10s"} 0.0' in text
         for c in clients:
             await c.close()
     finally:
