@@ -55,13 +55,19 @@ def settle_gc() -> None:
     gc.set_threshold(20_000, 20, 20)  # default 700, 10, 10
 
 
-def redis_client(url: str, max_connections: int = 32, fail_fast: bool = False):
+def redis_client(url: str, max_connections: int = 32, fail_fast: bool = False, pool_wait_s: float = 2.0):
     """``fail_fast``: give up within ~0.1 s while Redis is down, so that the caller's own callers
-    get UNAVAILABLE well before their deadlines (redis-py's default retries take seconds)."""
+    get UNAVAILABLE well before their deadlines (redis-py's default retries take seconds).
+
+    With all ``max_connections`` busy, a caller waits up to ``pool_wait_s`` for one to come back
+    (redis-py's default pool raises "Too many connections" at once: under a 1M connect storm
+    that refused whole register batches while Redis itself was fine)."""
     import redis.asyncio as aioredis
 
-    client = aioredis.from_url(url, max_connections=max_connections, socket_connect_timeout=5,
-                               health_check_interval=30, decode_responses=False)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=pool_wait_s, socket_connect_timeout=5,
+        health_check_interval=30, decode_responses=False)
+    client = aioredis.Redis.from_pool(pool)
     if fail_fast:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff

@@ -96,3 +96,15 @@ async def test_a_dead_redis_still_fails_at_once(backing_stores):
         assert time.monotonic() - started < 2
     finally:
         await client.aclose()
+
+
+async def test_more_concurrent_batches_than_pooled_connections_wait_for_one(backing_stores):
+    client = redis_client(own_stores(backing_stores[0], "redis_pipeline").redis_url, max_connections=2,
+                          fail_fast=True)
+    try:
+        replies = await asyncio.gather(*(run_pipeline(client, lambda p, i=i: p.execute_command("ECHO", str(i)))
+                                         for i in range(40)))
+        assert replies == [[str(i).encode()] for i in range(40)]
+        assert len(client.connection_pool._in_use_connections) == 0
+    finally:
+        await client.aclose()
