@@ -765,7 +765,8 @@ def _count_sessions(cluster) -> dict:
                     if line.startswith("pylon_room_sessions "):
                         rooms_say[info["id"]] = int(float(line.split()[1]))
                     elif line.startswith(("pylon_room_connections ", "pylon_room_auths_total{",
-                                          "pylon_room_closed_total{", "pylon_room_accept_wait_sampled_total{")):
+                                          "pylon_room_closed_total{", "pylon_room_accept_wait_sampled_total{",
+                                          "pylon_room_overdue_handshakes ")):
                         name, value = line.rsplit(" ", 1)
                         room_metrics[name] = room_metrics.get(name, 0) + int(float(value))
         except OSError:

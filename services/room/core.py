@@ -86,6 +86,7 @@ class RoomInstance:
         self._accepted_before = 0
         self._accept_checked_at = clock()
         self.shedding = False
+        self._ticks = 0
         self._pong_bodies: dict[int, bytes] = {}
         self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._nets: dict[str, str] = {}
@@ -111,6 +112,24 @@ class RoomInstance:
                 log.exception("heartbeat wheel tick failed")
             if self.listeners:
                 self.check_accept_queue()
+            self._ticks += 1
+            if not self._ticks % 10:
+                self.check_overdue()
+
+    def check_overdue(self) -> int:
+        """Connections past their handshake deadline that the wheel has not closed (there should
+        be none): counted in ``pylon_room_overdue_handshakes`` and logged, as a check on the wheel."""
+        now = int(self.clock())
+        by_state: dict[int, int] = {}
+        for conn in self.connections:
+            if conn.state in (HANDSHAKE, AUTHENTICATING) and 0 < conn.deadline < now - 1:
+                by_state[conn.state] = by_state.get(conn.state, 0) + 1
+        n = sum(by_state.values())
+        m.OVERDUE.children[""].n = n
+        if n:
+            log.warning("%d connections past their handshake deadline are still open (by state: %s); wheel size %d",
+                        n, by_state, self.wheel.size)
+        return n
 
     def check_accept_queue(self) -> None:
         """Read how many connections wait in the listen sockets' accept queues (TCP_INFO of a

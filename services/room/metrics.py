@@ -87,6 +87,9 @@ ACCEPT_QUEUE = Family("pylon_room_accept_queue",
 ACCEPT_WAITS = Family("pylon_room_accept_wait_sampled_total",
                       "1 in 16 accepted connections, by how long their first data had waited for accept()",
                       "waited")
+OVERDUE = Family("pylon_room_overdue_handshakes",
+                 "Connections past their handshake deadline and still open (a check on the timing wheel; 0)",
+                 gauge=True)
 ACCEPT_SHEDDING = Family("pylon_room_accept_shedding",
                          "1 while AUTHs are refused OVERLOADED because the accept queue is seconds deep", gauge=True)
 AUTHS = Family("pylon_room_auths_total", "AUTH attempts by result", "result")
@@ -96,7 +99,7 @@ MESSAGES_OUT = Family("pylon_room_messages_delivered_total", "Messages written t
 ACKS = Family("pylon_room_acks_total", "Message ids acked by clients")
 CLOSED = Family("pylon_room_closed_total", "Connections closed by reason", "reason")
 UPSTREAM = Family("pylon_room_upstream_total", "UPSTREAM frames by outcome", "outcome")
-REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, AUTHS, FRAMES_IN, FRAMES_OUT,
+REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, OVERDUE, AUTHS, FRAMES_IN, FRAMES_OUT,
                               MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
