@@ -141,11 +141,12 @@ def stuck_where(sock: socket.socket) -> str:
             return "answer_unread"
     except OSError:
         pass
+    from services.common import tcpinfo
+
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        state, unacked = tcpinfo.read(sock, tcpinfo.STATE), tcpinfo.read(sock, tcpinfo.UNACKED)
     except OSError:
         return "unknown"
-    state, unacked = info[0], int.from_bytes(info[24:28], sys.byteorder)
     if state != 1:  # not ESTABLISHED
         return f"tcp_state_{state}"
     return "auth_unacked" if unacked else "auth_acked_no_answer"

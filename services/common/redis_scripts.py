@@ -127,13 +127,10 @@ async def round_trip(redis, commands: list[tuple], timeout: float = DEFAULT_TIME
             except TimeoutError:
                 raise RedisTimeoutError(f"Redis did not answer {len(commands)} commands within {timeout}s") from None
             return replies
-        except RedisConnectionError:
+        except BaseException as exc:
             await conn.disconnect(nowait=True)
-            if attempt or replies:
+            if attempt or replies or not isinstance(exc, RedisConnectionError):
                 raise
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
         finally:
             await pool.release(conn)
     raise AssertionError("unreachable")

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 
 from google.protobuf.message import DecodeError
 
-from services.common import tokens
+from services.common import tcpinfo, tokens
 from services.common.batching import Overloaded
 from services.common.codec import HEADER, HEADER_SIZE, VERSION, ErrorCode, Frame, Op, encode
 from services.common.pb import client_pb2 as cpb
@@ -39,22 +37,21 @@ ACCEPT_RATE_FLOOR = 100.0
 
 
 ACCEPT_WAIT_SAMPLE = 16  # 1 in this many accepted connections is timed
-ACCEPT_WAIT_BUCKETS = ((1000, "under_1s"), (10_000, "1s_to_10s"), (float("inf"), "over_10s"))
+# (upper bound in ms, counter): exported from start, zeros included
+ACCEPT_WAIT_BUCKETS = tuple((limit, m.ACCEPT_WAITS.labels(label)) for limit, label in (
+    (1000, "under_1s"), (10_000, "1s_to_10s"), (float("inf"), "over_10s")))
 
 
 def accept_wait_ms(sock) -> int:
     """For a just-accepted connection, how long ago its last data arrived (TCP_INFO
     ``tcpi_last_data_recv``; with no data yet, the kernel counts from when the connection was
     completed): the time the client's AUTH, or the connection, waited for ``accept()``."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return struct.unpack_from("I", raw, 52)[0]
+    return tcpinfo.read(sock, tcpinfo.LAST_DATA_RECV)
 
 
 def accept_queue_length(sock) -> int:
-    """Connections waiting in a listening socket's accept queue: Linux reports it in TCP_INFO's
-    ``tcpi_unacked`` for a socket in LISTEN (and the backlog in ``tcpi_sacked``)."""
-    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return struct.unpack_from("I", raw, 24)[0]
+    """Connections waiting in a listening socket's accept queue (``tcpi_unacked`` in LISTEN)."""
+    return tcpinfo.read(sock, tcpinfo.UNACKED)
 
 
 class AuthFailure(Exception):
@@ -86,7 +83,6 @@ class RoomInstance:
         self._accepted_before = 0
         self._accept_checked_at = clock()
         self.shedding = False
-        self._ticks = 0
         self._pong_bodies: dict[int, bytes] = {}
         self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._nets: dict[str, str] = {}
@@ -104,17 +100,22 @@ class RoomInstance:
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def _tick_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(1.0)
-            try:
-                self.wheel.advance(int(self.clock()), self._expire)
-            except Exception:
-                log.exception("heartbeat wheel tick failed")
-            if self.listeners:
-                self.check_accept_queue()
-            self._ticks += 1
-            if not self._ticks % 10:
-                self.check_overdue()
+            ticks += 1
+            # each step on its own: a failing check must not stop the wheel, nor the wheel the checks
+            steps = [self._advance_wheel, self.check_accept_queue]
+            if not ticks % 10:
+                steps.append(self.check_overdue)
+            for step in steps:
+                try:
+                    step()
+                except Exception:
+                    log.exception("room tick: %s failed", step.__name__)
+
+    def _advance_wheel(self) -> None:
+        self.wheel.advance(int(self.clock()), self._expire)
 
     def check_overdue(self) -> int:
         """Connections past their handshake deadline that the wheel has not closed (there should
@@ -125,7 +126,7 @@ class RoomInstance:
             if conn.state in (HANDSHAKE, AUTHENTICATING) and 0 < conn.deadline < now - 1:
                 by_state[conn.state] = by_state.get(conn.state, 0) + 1
         n = sum(by_state.values())
-        m.OVERDUE.children[""].n = n
+        m.OVERDUE.set(n)
         if n:
             log.warning("%d connections past their handshake deadline are still open (by state: %s); wheel size %d",
                         n, by_state, self.wheel.size)
@@ -138,6 +139,8 @@ class RoomInstance:
         clients would otherwise wait unseen past their AUTH timeout and come back anyway,
         without a retry-after to spread them. A shed AUTH costs a fraction of a full one, so
         the queue drains faster for everyone behind it."""
+        if not self.listeners:
+            return
         waiting = 0
         for sock in self.listeners:
             try:
@@ -156,8 +159,8 @@ class RoomInstance:
             log.warning("%s AUTHs: %d connections wait to be accepted, ~%.0f accepted/s",
                         "shedding" if shedding else "no longer shedding", waiting, self.accept_rate)
         self.shedding = shedding
-        m.ACCEPT_QUEUE.children[""].n = waiting
-        m.ACCEPT_SHEDDING.children[""].n = int(shedding)
+        m.ACCEPT_QUEUE.set(waiting)
+        m.ACCEPT_SHEDDING.set(int(shedding))
 
     def drain(self, frame: bytes) -> int:
         """Write ``frame`` (COMMAND RECONNECT) to every connection and close it; returns how many."""
@@ -195,9 +198,9 @@ class RoomInstance:
             waited = accept_wait_ms(sock)
         except OSError:
             return
-        for limit, label in ACCEPT_WAIT_BUCKETS:
+        for limit, count in ACCEPT_WAIT_BUCKETS:
             if waited < limit:
-                m.accept_waits[label].inc()
+                count.inc()
                 return
 
     def on_lost(self, conn: ClientConnection) -> None:

@@ -53,6 +53,10 @@ class Family:
     def dec(self, amount: int = 1) -> None:
         self.children[""].n -= amount
 
+    def set(self, value: int) -> None:
+        """The unlabelled gauge's value."""
+        self.children[""].n = value
+
     def value(self, label: str = "") -> int:
         child = self.children.get(label)
         return child.n if child is not None else 0
@@ -99,8 +103,8 @@ MESSAGES_OUT = Family("pylon_room_messages_delivered_total", "Messages written t
 ACKS = Family("pylon_room_acks_total", "Message ids acked by clients")
 CLOSED = Family("pylon_room_closed_total", "Connections closed by reason", "reason")
 UPSTREAM = Family("pylon_room_upstream_total", "UPSTREAM frames by outcome", "outcome")
-REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, OVERDUE, AUTHS, FRAMES_IN, FRAMES_OUT,
-                              MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
+REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, OVERDUE, AUTHS,
+                              FRAMES_IN, FRAMES_OUT, MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
 frames_out = {int(op): FRAMES_OUT.labels(op.name) for op in Op}
@@ -109,7 +113,6 @@ auth_ok = AUTHS.labels("ok")
 unicast_out = MESSAGES_OUT.labels("unicast")
 broadcast_out = MESSAGES_OUT.labels("broadcast")
 closed = {code: CLOSED.labels(code.name.lower()) for code in ErrorCode}
-accept_waits = {label: ACCEPT_WAITS.labels(label) for label in ("under_1s", "1s_to_10s", "over_10s")}
 closed_by_peer = CLOSED.labels("peer")
 closed_kick = CLOSED.labels("kick")
 closed_drain = CLOSED.labels("drain")
