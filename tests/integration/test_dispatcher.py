@@ -194,3 +194,9 @@ async def test_batch_routes_match_single_routes(dispatcher, rooms):
         for bad in (b"{oops", b'{"uids": "x"}', b'{"uids": [1]}', b'{"uids": []}'):
             async with s.post(d.url + "/v1/routes", data=bad) as r:
                 assert r.status == 400 and (await r.json())["error"]["message"]
+        # one bad uid or a bad shared parameter refuses the whole batch, with the query's own codes
+        for bad, code in (({"uids": ["ok", ""]}, "missing_uid"), ({"uids": ["ok", "a\x01b"]}, "bad_uid"),
+                          ({"uids": ["ok"], "count": "x"}, "bad_count"),
+                          ({"uids": ["ok"], "exclude": ",".join(["h:1"] * 65)}, "bad_exclude")):
+            async with s.post(d.url + "/v1/routes", json=bad) as r:
+                assert r.status == 400 and (await r.json())["error"]["code"] == code

@@ -26,6 +26,8 @@ def test_env_shortcut_for_common():
     ({"storm_batch_items": 0}, "room.storm_batch_items"),
     ({"storm_batch_delay_ms": -1}, "room.storm_batch_delay_ms"),
     ({"connect_batch_delay_ms": 60_000}, "room.connect_batch_delay_ms"),
+    ({"accept_wait_shed_s": -1}, "room.accept_wait_shed_s"),
+    ({"accept_wait_shed_s": 7200}, "room.accept_wait_shed_s"),
 ])
 def test_bad_config_is_a_clear_error(values, needle):
     with pytest.raises(ConfigError) as err:
