@@ -55,7 +55,7 @@ class RegisterServicer(internal_pb2_grpc.RegisterServicer):
 
     async def Register(self, request, context):
         n = await self._run("Register", len(request.sessions), context, self.store.register(request.sessions))
-        return internal_pb2.Count(n=n)
+        return internal_pb2.RegisterReply(n=n)
 
     async def Unregister(self, request, context):
         n = await self._run("Unregister", len(request.sessions), context, self.store.unregister(request.sessions))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63lient.proto\x12\x0cpylon.client\"\x9d\x01\n\x04\x41uth\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x0b\n\x03net\x18\x05 \x01(\t\x12\x14\n\x0cresume_token\x18\x06 \x01(\t\x12\x18\n\x10heartbeat_hint_s\x18\x07 \x01(\r\x12\x0b\n\x03sdk\x18\x08 \x01(\t\x12\x0e\n\x06tokens\x18\t \x03(\t\"\x80\x01\n\x06\x41uthOk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\r\x12\x16\n\x0eserver_time_ms\x18\x04 \x01(\x04\x12\x11\n\tmax_frame\x18\x05 \x01(\r\x12\x0c\n\x04\x61pps\x18\x06 \x03(\t\"#\n\x04Ping\x12\x1b\n\x13propose_heartbeat_s\x18\x01 \x01(\r\"\x1b\n\x04Pong\x12\x13\n\x0bheartbeat_s\x18\x01 \x01(\r\"k\n\x07Message\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x12\n\ncreated_ms\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x11\n\tbroadcast\x18\x06 \x01(\x08\"/\n\x04Push\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.pylon.client.Message\"\x16\n\x03\x41\x63k\x12\x0f\n\x07msg_ids\x18\x01 \x03(\x04\"$\n\x04\x42ind\x12\x0c\n\x04\x61pps\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"6\n\x08Upstream\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x1f\n\x0bUpstreamAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x16\n\x04Kick\x12\x0e\n\x06reason\x18\x01 \x01(\t\"8\n\x07\x43ommand\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0c\n\x04\x61pps\x18\x03 \x03(\t\"M\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\rb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63lient.proto\x12\x0cpylon.client\"\x9d\x01\n\x04\x41uth\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tdevice_id\x18\x03 \x01(\t\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x0b\n\x03net\x18\x05 \x01(\t\x12\x14\n\x0cresume_token\x18\x06 \x01(\t\x12\x18\n\x10heartbeat_hint_s\x18\x07 \x01(\r\x12\x0b\n\x03sdk\x18\x08 \x01(\t\x12\x0e\n\x06tokens\x18\t \x03(\t\"\x91\x01\n\x06\x41uthOk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_token\x18\x02 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x03 \x01(\r\x12\x16\n\x0eserver_time_ms\x18\x04 \x01(\x04\x12\x11\n\tmax_frame\x18\x05 \x01(\r\x12\x0c\n\x04\x61pps\x18\x06 \x03(\t\x12\x0f\n\x07resumed\x18\x07 \x01(\x08\"#\n\x04Ping\x12\x1b\n\x13propose_heartbeat_s\x18\x01 \x01(\r\"\x1b\n\x04Pong\x12\x13\n\x0bheartbeat_s\x18\x01 \x01(\r\"k\n\x07Message\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x12\n\ncreated_ms\x18\x04 \x01(\x04\x12\x0b\n\x03seq\x18\x05 \x01(\x04\x12\x11\n\tbroadcast\x18\x06 \x01(\x08\"/\n\x04Push\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.pylon.client.Message\"\x16\n\x03\x41\x63k\x12\x0f\n\x07msg_ids\x18\x01 \x03(\x04\"$\n\x04\x42ind\x12\x0c\n\x04\x61pps\x18\x01 \x03(\t\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"6\n\x08Upstream\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"\x1f\n\x0bUpstreamAck\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"\x16\n\x04Kick\x12\x0e\n\x06reason\x18\x01 \x01(\t\"8\n\x07\x43ommand\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x0c\n\x04\x61pps\x18\x03 \x03(\t\"M\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\x12\x16\n\x0eretry_after_ms\x18\x04 \x01(\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,27 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUTH']._serialized_start=31
   _globals['_AUTH']._serialized_end=188
   _globals['_AUTHOK']._serialized_start=191
-  _globals['_AUTHOK']._serialized_end=319
-  _globals['_PING']._serialized_start=321
-  _globals['_PING']._serialized_end=356
-  _globals['_PONG']._serialized_start=358
-  _globals['_PONG']._serialized_end=385
-  _globals['_MESSAGE']._serialized_start=387
-  _globals['_MESSAGE']._serialized_end=494
-  _globals['_PUSH']._serialized_start=496
-  _globals['_PUSH']._serialized_end=543
-  _globals['_ACK']._serialized_start=545
-  _globals['_ACK']._serialized_end=567
-  _globals['_BIND']._serialized_start=569
-  _globals['_BIND']._serialized_end=605
-  _globals['_UPSTREAM']._serialized_start=607
-  _globals['_UPSTREAM']._serialized_end=661
-  _globals['_UPSTREAMACK']._serialized_start=663
-  _globals['_UPSTREAMACK']._serialized_end=694
-  _globals['_KICK']._serialized_start=696
-  _globals['_KICK']._serialized_end=718
-  _globals['_COMMAND']._serialized_start=720
-  _globals['_COMMAND']._serialized_end=776
-  _globals['_ERROR']._serialized_start=778
-  _globals['_ERROR']._serialized_end=855
+  _globals['_AUTHOK']._serialized_end=336
+  _globals['_PING']._serialized_start=338
+  _globals['_PING']._serialized_end=373
+  _globals['_PONG']._serialized_start=375
+  _globals['_PONG']._serialized_end=402
+  _globals['_MESSAGE']._serialized_start=404
+  _globals['_MESSAGE']._serialized_end=511
+  _globals['_PUSH']._serialized_start=513
+  _globals['_PUSH']._serialized_end=560
+  _globals['_ACK']._serialized_start=562
+  _globals['_ACK']._serialized_end=584
+  _globals['_BIND']._serialized_start=586
+  _globals['_BIND']._serialized_end=622
+  _globals['_UPSTREAM']._serialized_start=624
+  _globals['_UPSTREAM']._serialized_end=678
+  _globals['_UPSTREAMACK']._serialized_start=680
+  _globals['_UPSTREAMACK']._serialized_end=711
+  _globals['_KICK']._serialized_start=713
+  _globals['_KICK']._serialized_end=735
+  _globals['_COMMAND']._serialized_start=737
+  _globals['_COMMAND']._serialized_end=793
+  _globals['_ERROR']._serialized_start=795
+  _globals['_ERROR']._serialized_end=872
 # @@protoc_insertion_point(module_scope)

@@ -30,20 +30,22 @@ class Auth(_message.Message):
     def __init__(self, token: _Optional[str] = ..., uid: _Optional[str] = ..., device_id: _Optional[str] = ..., apps: _Optional[_Iterable[str]] = ..., net: _Optional[str] = ..., resume_token: _Optional[str] = ..., heartbeat_hint_s: _Optional[int] = ..., sdk: _Optional[str] = ..., tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AuthOk(_message.Message):
-    __slots__ = ("session_id", "resume_token", "heartbeat_s", "server_time_ms", "max_frame", "apps")
+    __slots__ = ("session_id", "resume_token", "heartbeat_s", "server_time_ms", "max_frame", "apps", "resumed")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_FIELD_NUMBER: _ClassVar[int]
     APPS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     resume_token: str
     heartbeat_s: int
     server_time_ms: int
     max_frame: int
     apps: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., heartbeat_s: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., max_frame: _Optional[int] = ..., apps: _Optional[_Iterable[str]] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, session_id: _Optional[str] = ..., resume_token: _Optional[str] = ..., heartbeat_s: _Optional[int] = ..., server_time_ms: _Optional[int] = ..., max_frame: _Optional[int] = ..., apps: _Optional[_Iterable[str]] = ..., resumed: _Optional[bool] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("propose_heartbeat_s",)

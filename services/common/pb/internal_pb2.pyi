@@ -87,6 +87,14 @@ class InstanceRequest(_message.Message):
     instance: str
     def __init__(self, instance: _Optional[str] = ...) -> None: ...
 
+class RegisterReply(_message.Message):
+    __slots__ = ("n", "epoch")
+    N_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    epoch: str
+    def __init__(self, n: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+
 class StoreRequest(_message.Message):
     __slots__ = ("messages",)
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +218,32 @@ class KickReply(_message.Message):
     KICKED_FIELD_NUMBER: _ClassVar[int]
     kicked: int
     def __init__(self, kicked: _Optional[int] = ...) -> None: ...
+
+class TakeSessionRequest(_message.Message):
+    __slots__ = ("session_id", "uid", "to_instance")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    TO_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    uid: str
+    to_instance: str
+    def __init__(self, session_id: _Optional[str] = ..., uid: _Optional[str] = ..., to_instance: _Optional[str] = ...) -> None: ...
+
+class TakenSession(_message.Message):
+    __slots__ = ("found", "apps", "unacked", "pending", "connected_ms", "device_id")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    APPS_FIELD_NUMBER: _ClassVar[int]
+    UNACKED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_MS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    apps: _containers.RepeatedScalarFieldContainer[str]
+    unacked: _containers.RepeatedCompositeFieldContainer[StoredMessage]
+    pending: _containers.RepeatedCompositeFieldContainer[StoredMessage]
+    connected_ms: int
+    device_id: str
+    def __init__(self, found: _Optional[bool] = ..., apps: _Optional[_Iterable[str]] = ..., unacked: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., connected_ms: _Optional[int] = ..., device_id: _Optional[str] = ...) -> None: ...
 
 class UpstreamItem(_message.Message):
     __slots__ = ("uid", "app", "kind", "payload", "session_id", "device_id", "ts_ms")

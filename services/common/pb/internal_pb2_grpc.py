@@ -38,7 +38,12 @@ class RegisterStub:
         self.Register = channel.unary_unary(
                 '/pylon.internal.Register/Register',
                 request_serializer=internal__pb2.SessionBatch.SerializeToString,
-                response_deserializer=internal__pb2.Count.FromString,
+                response_deserializer=internal__pb2.RegisterReply.FromString,
+                _registered_method=True)
+        self.Epoch = channel.unary_unary(
+                '/pylon.internal.Register/Epoch',
+                request_serializer=internal__pb2.Empty.SerializeToString,
+                response_deserializer=internal__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.Unregister = channel.unary_unary(
                 '/pylon.internal.Register/Unregister',
@@ -62,6 +67,13 @@ class RegisterServicer:
 
     def Register(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Epoch(self, request, context):
+        """The current epoch, for rooms that have registered nothing lately (a periodic check).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -91,7 +103,12 @@ def add_RegisterServicer_to_server(servicer, server):
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=internal__pb2.SessionBatch.FromString,
-                    response_serializer=internal__pb2.Count.SerializeToString,
+                    response_serializer=internal__pb2.RegisterReply.SerializeToString,
+            ),
+            'Epoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Epoch,
+                    request_deserializer=internal__pb2.Empty.FromString,
+                    response_serializer=internal__pb2.RegisterReply.SerializeToString,
             ),
             'Unregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Unregister,
@@ -135,7 +152,34 @@ class Register:
             target,
             '/pylon.internal.Register/Register',
             internal__pb2.SessionBatch.SerializeToString,
-            internal__pb2.Count.FromString,
+            internal__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Epoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Register/Epoch',
+            internal__pb2.Empty.SerializeToString,
+            internal__pb2.RegisterReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -497,6 +541,11 @@ class RoomStub:
                 request_serializer=internal__pb2.KickRequest.SerializeToString,
                 response_deserializer=internal__pb2.KickReply.FromString,
                 _registered_method=True)
+        self.TakeSession = channel.unary_unary(
+                '/pylon.internal.Room/TakeSession',
+                request_serializer=internal__pb2.TakeSessionRequest.SerializeToString,
+                response_deserializer=internal__pb2.TakenSession.FromString,
+                _registered_method=True)
 
 
 class RoomServicer:
@@ -520,6 +569,14 @@ class RoomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeSession(self, request, context):
+        """Hand a session over to the instance its client resumed on: the old instance closes the old
+        connection without an offline event, forgets the session and returns what it held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoomServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -537,6 +594,11 @@ def add_RoomServicer_to_server(servicer, server):
                     servicer.Kick,
                     request_deserializer=internal__pb2.KickRequest.FromString,
                     response_serializer=internal__pb2.KickReply.SerializeToString,
+            ),
+            'TakeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeSession,
+                    request_deserializer=internal__pb2.TakeSessionRequest.FromString,
+                    response_serializer=internal__pb2.TakenSession.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -620,6 +682,33 @@ class Room:
             '/pylon.internal.Room/Kick',
             internal__pb2.KickRequest.SerializeToString,
             internal__pb2.KickReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Room/TakeSession',
+            internal__pb2.TakeSessionRequest.SerializeToString,
+            internal__pb2.TakenSession.FromString,
             options,
             channel_credentials,
             insecure,
