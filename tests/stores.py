@@ -21,6 +21,10 @@ REDIS_DBS = {
     "register": 5,
     "saver": 6,
     "coordinator": 7,
+    "saver_recovery": 8,
+    "register_epoch": 9,
+    "room_resume": 10,
+    "room_recovery": 11,
 }
 
 
