@@ -54,8 +54,12 @@ class RegisterServicer(internal_pb2_grpc.RegisterServicer):
             m.RPC_SECONDS.labels(method, outcome).observe(time.perf_counter() - started)
 
     async def Register(self, request, context):
-        n = await self._run("Register", len(request.sessions), context, self.store.register(request.sessions))
-        return internal_pb2.RegisterReply(n=n)
+        n, epoch = await self._run("Register", len(request.sessions), context, self.store.register(request.sessions))
+        return internal_pb2.RegisterReply(n=n, epoch=epoch)
+
+    async def Epoch(self, request, context):
+        epoch = await self._run("Epoch", 0, context, self.store.epoch())
+        return internal_pb2.RegisterReply(epoch=epoch)
 
     async def Unregister(self, request, context):
         n = await self._run("Unregister", len(request.sessions), context, self.store.unregister(request.sessions))

@@ -46,6 +46,11 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     try:
         # Redis may not be up yet: keep trying until it is, or until we are told to stop
         await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)
+        if not stop.is_set():
+            try:
+                log.info("register epoch %s", await store.epoch())
+            except Exception as exc:  # Redis away again: the first call that reaches it reads the epoch
+                log.warning("could not read the register epoch: %s", exc)
         await stop.wait()
     finally:
         log.info("register stopping")

@@ -11,35 +11,51 @@ from services.common.pb import internal_pb2
 from services.common.redis_scripts import Script, run_pipeline
 from services.register import keys
 from services.register import metrics as m
+from services.register.epoch import EpochTracker
 from services.register.lua import UNREGISTER_IF_OWNED
 
 log = logging.getLogger(__name__)
 
 
 class SessionStore:
-    """Register / Unregister / Lookup / DropInstance. Validates its input (``keys.RequestError``);
-    Redis errors propagate to the adapter."""
+    """Register / Epoch / Unregister / Lookup / DropInstance. Validates its input
+    (``keys.RequestError``); Redis errors propagate to the adapter."""
 
     def __init__(self, redis, *, max_items: int = 5000, drop_chunk: int = 1000) -> None:
         self._redis = redis
         self.max_items = max_items
         self.drop_chunk = drop_chunk
         self._unregister = Script(UNREGISTER_IF_OWNED)
+        self.epochs = EpochTracker()
 
-    async def register(self, sessions: Sequence[internal_pb2.Session]) -> int:
+    async def register(self, sessions: Sequence[internal_pb2.Session]) -> tuple[int, str]:
+        """Write the sessions (idempotent: writing one again only overwrites it); returns how
+        many, and the epoch read after the writes (see ``services/register/epoch.py``)."""
         keys.check_sessions("Register", sessions, self.max_items)
         if not sessions:
-            return 0
+            return 0, await self.epoch()
 
         def build(pipe) -> None:
             for s in sessions:
                 pipe.hset(keys.user_key(s.uid), s.session_id, s.SerializeToString())
             for instance, names in _members_by_instance(sessions).items():  # one SADD per instance
                 pipe.sadd(keys.instance_key(instance), *names)
+            # after the writes: data lost before them shows as a new epoch in this very reply
+            self.epochs.queue(pipe)
 
-        await run_pipeline(self._redis, build)
+        replies = await run_pipeline(self._redis, build)
         m.REGISTERED.inc(len(sessions))
-        return len(sessions)
+        epoch = self.epochs.observe(replies[-2], replies[-1]) or await self.epoch()
+        return len(sessions), epoch
+
+    async def epoch(self) -> str:
+        """The current epoch, created if Redis holds none."""
+        for _ in range(3):  # "" only if the key was deleted between SET NX and GET
+            replies = await run_pipeline(self._redis, self.epochs.queue)
+            epoch = self.epochs.observe(replies[0], replies[1])
+            if epoch:
+                return epoch
+        raise RuntimeError("the register epoch key keeps vanishing between SET NX and GET")
 
     async def unregister(self, sessions: Sequence[internal_pb2.Session]) -> int:
         """Remove sessions still owned by the instance named in each Session; returns how many."""
