@@ -96,22 +96,49 @@ def _wait_port(name: str, proc: subprocess.Popen, host: str, port: int, timeout_
     raise BackingError(f"{name} did not listen on {host}:{port} within {timeout_s}s; see {log_path}")
 
 
+def _wait_redis_loaded(proc: subprocess.Popen, host: str, port: int, timeout_s: float, log_path: str) -> None:
+    """Redis accepts connections while it replays its append-only file and answers -LOADING
+    until it is done; wait for a PONG so callers never meet a half-loaded dataset."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BackingError(f"redis-server exited with {proc.returncode}; see {log_path}")
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    proc.kill()
+    raise BackingError(f"redis-server on {host}:{port} still loading its data after {timeout_s}s; see {log_path}")
+
+
 def start_redis(data_dir: str, port: int, host: str = "127.0.0.1") -> Managed:
+    """redis-server with its data in ``data_dir``: an append-only file (appendonlydir/) written on
+    every change and fsynced once a second, so a restart on the same dir, after a crash or
+    kill -9 too, finds every write Redis answered (what reached the kernel survives a process
+    crash; a host crash may lose the last second). No RDB snapshots: the AOF is the copy."""
     os.makedirs(data_dir, exist_ok=True)
     log_path = os.path.join(data_dir, "redis.log")
     pidfile = os.path.join(data_dir, "redis.pid")
     args = [which("redis-server") or "redis-server", "--port", str(port), "--bind", host, "--dir", data_dir,
-            "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", log_path,
-            "--maxclients", "10000", "--protected-mode", "no"]
+            "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
+            "--logfile", log_path, "--maxclients", "10000", "--protected-mode", "no"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     with open(pidfile, "w") as fh:
         fh.write(str(proc.pid))
     _wait_port("redis-server", proc, host, port, 15, log_path)
+    _wait_redis_loaded(proc, host, port, 60, log_path)
     return Managed("redis", proc, pidfile)
 
 
 def start_mariadb(data_dir: str, port: int, host: str = "127.0.0.1") -> Managed:
-    """A private MariaDB with root/no password on host:port and a socket in data_dir."""
+    """A private MariaDB with root/no password on host:port and a socket in data_dir. Every
+    commit is written and fsynced to the redo log before it returns
+    (innodb-flush-log-at-trx-commit=1), so a committed row survives a crash of the host, not
+    only of mariadbd: the saver answers a Store only after its INSERT committed."""
     os.makedirs(data_dir, exist_ok=True)
     datadir = os.path.join(data_dir, "data")
     log_path = os.path.join(data_dir, "mariadb.log")
@@ -126,7 +153,7 @@ def start_mariadb(data_dir: str, port: int, host: str = "127.0.0.1") -> Managed:
     args = [which("mariadbd") or "mariadbd", "--no-defaults", f"--datadir={datadir}", "--user=root",
             f"--port={port}", f"--bind-address={host}", f"--socket={os.path.join(data_dir, 'mysqld.sock')}",
             f"--pid-file={os.path.join(data_dir, 'mariadbd.pid')}", "--skip-name-resolve", "--skip-log-bin",
-            "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=500",
+            "--innodb-buffer-pool-size=256M", "--innodb-flush-log-at-trx-commit=1", "--max-connections=500",
             "--innodb-log-file-size=128M", f"--log-error={log_path}"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     with open(pidfile, "w") as fh:
