@@ -64,6 +64,41 @@ class ServiceProcess:
             return ""
 
 
+class RestartBackoff:
+    """How long to wait before starting a process again after it died: ``first_s``, doubled for
+    each further death that came less than ``stable_s`` after its start, at most ``max_s``. A
+    process that keeps crashing at start costs a restart every ``max_s``, not a busy loop; one
+    that ran for ``stable_s`` is back after ``first_s`` again."""
+
+    __slots__ = ("first_s", "max_s", "stable_s", "failures")
+
+    def __init__(self, first_s: float = 0.5, max_s: float = 30.0, stable_s: float = 30.0) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.stable_s = stable_s
+        self.failures = 0  # deaths in a row, each within stable_s of its start
+
+    def died(self, lived_s: float) -> float:
+        """The delay before the next start of a process that died after ``lived_s`` seconds."""
+        if lived_s >= self.stable_s:
+            self.failures = 0
+        delay = min(self.max_s, self.first_s * 2 ** min(self.failures, 32))
+        self.failures += 1
+        return delay
+
+
+def describe_exit(status_code: int | None) -> str:
+    """An exit code as Popen.returncode / os.waitstatus_to_exitcode give it, for a log line."""
+    if status_code is None:
+        return "is still running"
+    if status_code < 0:
+        try:
+            return f"was killed by {signal.Signals(-status_code).name}"
+        except ValueError:
+            return f"was killed by signal {-status_code}"
+    return f"exited with code {status_code}"
+
+
 def children(pid: int) -> list[int]:
     """The direct children of ``pid`` (a room supervisor's instances), [] if it is gone."""
     try:
