@@ -37,7 +37,9 @@ class FakeConn:
         self.writer.write(codec.encode(op, msg.SerializeToString() if msg is not None else b"", seq))
 
     def push(self, *messages):
-        self.send(Op.PUSH, pb.Push(messages=[pb.Message(msg_id=i, app=a, payload=p) for i, a, p in messages]))
+        """Each message is (msg_id, app, payload) or (msg_id, app, payload, broadcast)."""
+        self.send(Op.PUSH, pb.Push(messages=[pb.Message(msg_id=m[0], app=m[1], payload=m[2],
+                                                        broadcast=len(m) > 3 and m[3]) for m in messages]))
 
     def acked(self):
         return [i for f in self.frames if f.op == Op.ACK for i in pb.Ack.FromString(f.body).msg_ids]
@@ -47,7 +49,10 @@ class FakeConn:
 
 
 class FakeRoom:
-    """Answers AUTH (or an ERROR chosen by the test), PING, UPSTREAM; records everything."""
+    """Answers AUTH (or an ERROR chosen by the test), PING, UPSTREAM; records everything.
+
+    With ``resume`` set, an AUTH carrying a resume_token this room issued gets ``resumed = true``.
+    ``auth_kick`` answers the next AUTH with KICK of that reason instead."""
 
     def __init__(self, heartbeat_s=300, max_frame=codec.DEFAULT_MAX_FRAME):
         self.heartbeat_s = heartbeat_s
@@ -57,6 +62,9 @@ class FakeRoom:
         self.answer_pings = True
         self.accept_proposals = True
         self.upstream_reply = "ack"               # ack | nack | error | silent
+        self.resume = False
+        self.auth_kick = ""
+        self.issued_tokens: set[str] = set()
         self.new_conn = asyncio.Event()
         self.got_frame = asyncio.Event()
         self.server = None
@@ -101,9 +109,16 @@ class FakeRoom:
                 conn.send(Op.ERROR, pb.Error(code=code, message="no", fatal=True, retry_after_ms=retry_ms), f.seq)
                 conn.close()
                 return
+            if self.auth_kick:
+                conn.send(Op.KICK, pb.Kick(reason=self.auth_kick))
+                conn.close()
+                return
             n = len(self.conns)
+            resumed = self.resume and conn.auth.resume_token in self.issued_tokens
+            self.issued_tokens.add(f"r{n}")
             conn.send(Op.AUTH_OK, pb.AuthOk(session_id=f"s{n}", resume_token=f"r{n}", heartbeat_s=self.heartbeat_s,
-                                            max_frame=self.max_frame, apps=list(conn.auth.apps)), f.seq)
+                                            max_frame=self.max_frame, apps=list(conn.auth.apps), resumed=resumed),
+                      f.seq)
         elif f.op == Op.PING and self.answer_pings:
             ping = pb.Ping.FromString(f.body)
             if ping.propose_heartbeat_s and self.accept_proposals:

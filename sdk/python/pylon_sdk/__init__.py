@@ -2,7 +2,7 @@
 
     from pylon_sdk import PylonClient
 
-    async def on_message(msg):          # each message once; acked when this returns
+    async def on_message(msg):          # each msg_id once; recorded and acked when this returns
         print(msg.msg_id, msg.app, msg.text)
 
     client = PylonClient("http://dispatcher:8080", uid="alice", token=token, apps=["myapp"],
@@ -20,7 +20,9 @@ from pylon_sdk.errors import (
     AuthError,
     ClientClosed,
     ConnectionLost,
+    DedupeStoreError,
     FrameTooLarge,
+    Kicked,
     NotConnected,
     ProtocolError,
     PylonError,
@@ -38,7 +40,7 @@ from pylon_sdk.routing import Address
 __version__ = "0.1.0"
 
 __all__ = [
-    "Address", "AuthError", "ClientClosed", "ConnectionLost", "FrameTooLarge", "HeartbeatPolicy", "Message",
-    "NotConnected", "ProtocolError", "PylonClient", "PylonError", "ReplyTimeout", "RouteError", "SDK_VERSION", "SendQueueFull",
+    "Address", "AuthError", "ClientClosed", "ConnectionLost", "DedupeStoreError", "FrameTooLarge", "HeartbeatPolicy",
+    "Kicked", "Message", "NotConnected", "ProtocolError", "PylonClient", "PylonError", "ReplyTimeout", "RouteError", "SDK_VERSION", "SendQueueFull",
     "ServerError", "State", "UpstreamTimeout", "__version__",
 ]

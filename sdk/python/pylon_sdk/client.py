@@ -7,13 +7,21 @@ Client states (the only transitions there are; ``_set_state`` enforces them)::
                         │   │  └─────────────────┤ COMMAND RECONNECT (straight to CONNECTING)
                         ▼   │                    ▼
                       BACKOFF ◀──────────────────┘
-    any ──close(), KICK, permanent ERROR (bad token, unknown app, uid mismatch)──▶ CLOSED
+    any ──close(), KICK (any reason, ``replaced`` included), permanent ERROR
+          (bad token, unknown app, uid mismatch)──▶ CLOSED
 
-One connection at a time. Per connection four tasks run: the reader (frames → events), the
-writer (bounded outgoing queue → socket), the heartbeat and the delivery worker (PUSH frames
-→ ``on_message`` → one ACK frame per PUSH frame). Delivery runs apart from the reader so a slow
-handler does not hold up PONGs and upstream acks; PUSH frames wait in a bounded queue and a
+One connection at a time. Per connection three tasks run: the reader (frames → events), the
+writer (bounded outgoing queue → socket) and the heartbeat. One delivery worker per client
+(PUSH frames → ``on_message`` → record → one ACK frame per PUSH frame, see ``delivery``) outlives
+the connections: a handler in progress when the connection drops finishes, is recorded, and its
+message is acked again when the server sends it again. Delivery runs apart from the reader so a
+slow handler does not hold up PONGs and upstream acks; PUSH frames wait in a bounded queue and a
 full queue stops the reader, which is the backpressure the server sees.
+
+Resume: every AUTH carries the ``resume_token`` of the last AUTH_OK. When the room still holds the
+session (flash disconnect within its grace period) AUTH_OK says ``resumed`` and the unacked
+messages come again with the same ids; otherwise the inbox is reloaded from storage. Either way
+the dedupe in ``delivery`` hands each id over once.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,11 +38,14 @@ from typing import Any
 from pylon_sdk import frames
 from pylon_sdk.backoff import ReconnectBackoff
 from pylon_sdk.connection import Link
-from pylon_sdk.dedupe import RecentIds
+from pylon_sdk.dedupe import HandledIdsFile, RecentIds
+from pylon_sdk.delivery import Delivery
 from pylon_sdk.errors import (
     AuthError,
     ClientClosed,
     ConnectionLost,
+    DedupeStoreError,
+    Kicked,
     NotConnected,
     ProtocolError,
     PylonError,
@@ -90,7 +102,7 @@ class _Outcome:
     error: PylonError | None = None
     retry_after_s: float = 0.0
     addresses: list[Address] = field(default_factory=list)
-    kicked: bool = False
+    kicked: Kicked | None = None
     session_s: float = 0.0
 
 
@@ -101,12 +113,14 @@ OnEvent = Callable[[str, Any], Any]
 class PylonClient:
     """An asyncio client for one user on one device.
 
-    ``on_message(msg)`` (sync or async) gets every message once; it is acked when the handler
-    returns, and not acked if it raises (the server then delivers it again). ``on_event(kind,
-    data)`` (sync or async, optional) is told: ``"connected"`` (dict), ``"disconnected"``
-    (reason), ``"error"`` (a ``PylonError``), ``"kicked"`` (reason), ``"heartbeat"`` (dict with
-    the interval now in force), ``"command"`` ((kind, addresses) of commands the SDK does not
-    act on), ``"closed"`` (reason).
+    ``on_message(msg)`` (sync or async) gets every msg_id once; it is recorded as handled and
+    acked after the handler returns, and neither if it raises (the server then delivers it
+    again). With ``dedupe_path`` the handled ids are kept in a SQLite file, so a restarted app
+    is not handed a message it handled before. ``on_event(kind, data)`` (sync or async,
+    optional) is told: ``"connected"`` (dict, with ``resumed``), ``"disconnected"`` (reason),
+    ``"error"`` (a ``PylonError``), ``"kicked"`` (reason), ``"heartbeat"`` (dict with the
+    interval now in force), ``"command"`` ((kind, addresses) of commands the SDK does not act
+    on), ``"closed"`` (reason).
     """
 
     def __init__(self, dispatcher_url: str | None = None, uid: str = "", token: str = "", device_id: str = "",
@@ -116,7 +130,8 @@ class PylonClient:
                  heartbeat: HeartbeatPolicy | None = None, ack_timeout_s: float = 10.0,
                  connect_timeout_s: float = 10.0, auth_timeout_s: float = 10.0, pong_timeout_s: float = 10.0,
                  reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0, max_queued_frames: int = 1024,
-                 max_pending_upstream: int = 1024, push_queue_frames: int = 256, dedupe_size: int = 10_000) -> None:
+                 max_pending_upstream: int = 1024, push_queue_frames: int = 256, dedupe_size: int = 10_000,
+                 dedupe_path: str | os.PathLike | None = None, dedupe_fsync: bool = False) -> None:
         if not uid:
             raise ValueError("uid is required")
         if not token:
@@ -131,7 +146,6 @@ class PylonClient:
         self._tokens: list[str] = []
         if len(self._apps) > MAX_APPS:
             raise ValueError(f"at most {MAX_APPS} apps per connection")
-        self._on_message = on_message
         self._on_event = on_event
         self._token_provider = token_provider
         self._routes = FixedRoutes(addresses) if addresses is not None else \
@@ -145,12 +159,20 @@ class PylonClient:
         self.max_pending_upstream = max_pending_upstream
         self.push_queue_frames = push_queue_frames
         self._backoff = ReconnectBackoff(reconnect_min_s, reconnect_max_s)
-        self._recent = RecentIds(dedupe_size)
+        self._handled_file = HandledIdsFile(dedupe_path, uid, dedupe_size, dedupe_fsync) \
+            if dedupe_path is not None else None
+        self._delivery = Delivery(on_message, RecentIds(dedupe_size), self._handled_file,
+                                  on_store_error=lambda exc: self._emit("error", exc))
+        self._pushes: asyncio.Queue[frames.Push] = asyncio.Queue(push_queue_frames)
+        self._worker: asyncio.Task | None = None
+        self._closed_by_handler = False
 
         self._state = State.IDLE
         self._link: Link | None = None
         self._session_id = ""
         self._resume_token = ""
+        self._resumed = False
+        self._kick_reason = ""
         self._pending: dict[int, asyncio.Future] = {}       # UPSTREAM seq -> accepted
         self._pending_bind: dict[int, asyncio.Future] = {}  # BIND/UNBIND seq -> apps bound
         self._pong_waiter: asyncio.Future | None = None
@@ -178,7 +200,34 @@ class PylonClient:
 
     @property
     def resume_token(self) -> str:
+        """The last AUTH_OK's token, sent in the next AUTH ("" after a kick)."""
         return self._resume_token
+
+    @property
+    def resumed(self) -> bool:
+        """True if the last AUTH_OK took over the previous session (a flash disconnect within the
+        room's grace period): nothing was reloaded, the unacked messages come again."""
+        return self._resumed
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Messages the server sent again that were acked without handing them to ``on_message``."""
+        return self._delivery.duplicates
+
+    @property
+    def _recent(self) -> RecentIds:
+        # Kept as an attribute name because test harnesses wrap it to watch the dedupe.
+        return self._delivery.recent
+
+    @_recent.setter
+    def _recent(self, recent: RecentIds) -> None:
+        self._delivery.recent = recent
+
+    @property
+    def kick_reason(self) -> str:
+        """The reason of the KICK that closed the client (``replaced``: another connection with
+        this uid and device_id took the session over); "" if it was not kicked."""
+        return self._kick_reason
 
     @property
     def heartbeat_s(self) -> int:
@@ -198,14 +247,21 @@ class PylonClient:
         """Connect and return once the first session is up.
 
         Raises ``AuthError`` if the server refuses this client for good, ``ClientClosed`` if it
-        was kicked or closed meanwhile, ``TimeoutError`` if ``timeout`` passes first (the
-        client keeps trying in the background; ``close()`` stops it).
+        was kicked (``Kicked``) or closed meanwhile, ``DedupeStoreError`` if the dedupe file cannot
+        be opened, ``TimeoutError`` if ``timeout`` passes first (the client keeps trying in the
+        background; ``close()`` stops it).
         """
         if self._state is not State.IDLE:
             raise ClientClosed("client is closed") if self._state is State.CLOSED else \
                 PylonError("start() was already called")
+        if self._handled_file is not None:
+            self._handled_file.open()
         self._set_state(State.CONNECTING)
-        self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"pylon-client-{self.uid}")
+        loop = asyncio.get_running_loop()
+        self._worker = loop.create_task(self._delivery_loop(), name=f"pylon-delivery-{self.uid}")
+        self._worker.add_done_callback(self._worker_done)
+        self._own_tasks.add(self._worker)
+        self._runner = loop.create_task(self._run(), name=f"pylon-client-{self.uid}")
         self._own_tasks.add(self._runner)
         ready = asyncio.ensure_future(self._ready.wait())
         try:
@@ -229,14 +285,24 @@ class PylonClient:
         return self.close_reason
 
     async def close(self) -> None:
-        """Close the connection and stop reconnecting. Safe to call from inside a handler."""
+        """Close the connection and stop reconnecting. Safe to call from inside a handler (the
+        handler then runs to its end and its message is recorded; the ACK cannot go any more).
+        From outside, a handler still running is cancelled: its message is not recorded, and the
+        server delivers it again to the next client of this uid."""
+        current = asyncio.current_task()
+        if current is not None and current is self._worker:
+            self._closed_by_handler = True
         self._stop("closed by the application")
         runner = self._runner
         if runner is None:
             await self._routes.close()
             return
-        if asyncio.current_task() in self._own_tasks:
-            return  # called from a handler: the runner unwinds once the handler returns
+        if current in self._own_tasks:
+            # Called from a handler: the runner unwinds (it may be asleep in a backoff) and waits
+            # for the handler to return.
+            if current is self._worker and not runner.done():
+                runner.cancel()
+            return
         if not runner.done():
             runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -377,7 +443,27 @@ class PylonClient:
             self._finish(_Outcome(_End.STOP, f"internal error: {exc!r}", error=PylonError(repr(exc))))
         finally:
             self._stop(self.close_reason or "closed")
-            await self._routes.close()
+            try:
+                await self._stop_delivery()
+            finally:
+                await self._routes.close()
+
+    async def _stop_delivery(self) -> None:
+        """End the delivery worker (it ends by itself when the handler itself called close()),
+        drop the PUSH frames still queued (unacked: the server keeps them), close the dedupe file."""
+        worker = self._worker
+        if worker is not None:
+            if not self._closed_by_handler:
+                worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+            self._own_tasks.discard(worker)
+        while not self._pushes.empty():
+            self._pushes.get_nowait()
+        if self._handled_file is not None:
+            try:
+                self._handled_file.close()
+            except DedupeStoreError as exc:
+                log.error("pylon: %s", exc)
 
     async def _pause(self, seconds: float) -> None:
         self._set_state(State.BACKOFF)
@@ -419,7 +505,11 @@ class PylonClient:
     def _finish(self, outcome: _Outcome) -> None:
         self.close_reason = outcome.reason
         self.close_error = outcome.error
-        if outcome.kicked:
+        if outcome.kicked is not None:
+            # The session is gone for good (replaced: it now belongs to another copy of the app);
+            # its token must not be used to take it back.
+            self._kick_reason = outcome.kicked.reason
+            self._resume_token = ""
             self._emit("kicked", outcome.reason)
         self._stop(outcome.reason)
 
@@ -474,15 +564,26 @@ class PylonClient:
             return _Outcome(_End.CONNECT_FAILED, f"{failed}: {exc}", addr)
         if isinstance(event, frames.Error):
             return self._error_outcome(event.error, addr, in_session=False)
+        if isinstance(event, frames.Kick):
+            return self._kick_outcome(event, addr)
         if not isinstance(event, frames.AuthOk):
             return _Outcome(_End.CONNECT_FAILED, f"{failed}: expected AUTH_OK, got {type(event).__name__}", addr)
         self._session_id = event.session_id
-        self._resume_token = event.resume_token or self._resume_token
+        self._resume_token = event.resume_token  # every AUTH_OK has a fresh one; an older one names an older session
+        self._resumed = event.resumed
         if event.apps:
             self._apps = dict.fromkeys(event.apps)
         self._heartbeat.on_auth(event.heartbeat_s)
         link.set_max_frame(event.max_frame)
         return None
+
+    @staticmethod
+    def _kick_outcome(event: frames.Kick, addr: Address) -> _Outcome:
+        # Every reason stops the client (WIRE.md §8). For ``replaced`` it matters most: another
+        # connection of this uid and device_id took the session, and reconnecting would take it
+        # back, and so on, each copy kicking the other.
+        kicked = Kicked(event.reason)
+        return _Outcome(_End.STOP, str(kicked), addr, error=kicked, kicked=kicked)
 
     def _error_outcome(self, err: ServerError, addr: Address, in_session: bool) -> _Outcome:
         self._emit("error", err)
@@ -504,27 +605,27 @@ class PylonClient:
         self._link = link
         self._set_state(State.CONNECTED)
         self._ready.set()
-        log.info("pylon: connected to %s session=%s heartbeat=%ss", link.address, self._session_id,
-                 self._heartbeat.interval_s)
+        log.info("pylon: connected to %s session=%s heartbeat=%ss resumed=%s", link.address, self._session_id,
+                 self._heartbeat.interval_s, self._resumed)
         self._emit("connected", {"session_id": self._session_id, "address": str(link.address),
-                                 "heartbeat_s": self._heartbeat.interval_s, "apps": list(self._apps)})
-        pushes: asyncio.Queue[frames.Push] = asyncio.Queue(self.push_queue_frames)
+                                 "heartbeat_s": self._heartbeat.interval_s, "apps": list(self._apps),
+                                 "resumed": self._resumed})
+        pushes = self._pushes
         reader = loop.create_task(self._read_loop(link, pushes))
         beat = loop.create_task(self._heartbeat_loop(link, pushes))
-        deliver = loop.create_task(self._delivery_loop(link, pushes))
-        tasks = {reader, beat, deliver, writer}
-        self._own_tasks.update((reader, beat, deliver))
+        tasks = {reader, beat, writer}
+        self._own_tasks.update((reader, beat))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (reader, beat, deliver):
+            for t in (reader, beat):
                 t.cancel()
-            await asyncio.gather(reader, beat, deliver, return_exceptions=True)
-            self._own_tasks.difference_update((reader, beat, deliver))
+            await asyncio.gather(reader, beat, return_exceptions=True)
+            self._own_tasks.difference_update((reader, beat))
             self._ready.clear()
             self._pong_waiter = None
         outcome = _Outcome(_End.LOST, "connection ended", link.address)
-        for t in (reader, beat, writer, deliver):
+        for t in (reader, beat, writer):
             if t in done and not t.cancelled():
                 exc = t.exception()
                 if exc is None and isinstance(t.result(), _Outcome):
@@ -582,8 +683,7 @@ class PylonClient:
                 if not answered:
                     self._emit("error", event.error)
             elif isinstance(event, frames.Kick):
-                return _Outcome(_End.STOP, f"kicked: {event.reason}" if event.reason else "kicked", addr,
-                                kicked=True)
+                return self._kick_outcome(event, addr)
             elif isinstance(event, frames.Command):
                 if event.kind == "BOUND":
                     self._apps = dict.fromkeys(event.apps)
@@ -629,35 +729,46 @@ class PylonClient:
             if hb.on_pong(in_force):
                 self._emit("heartbeat", {"interval_s": hb.interval_s, "missed": False})
 
-    async def _delivery_loop(self, link: Link, pushes: asyncio.Queue) -> None:
-        recent = self._recent
+    async def _delivery_loop(self) -> None:
+        """The client's one delivery worker: PUSH frames in arrival order, across connections."""
+        stopped = self._is_closed
         while True:
-            push: frames.Push = await pushes.get()
-            acked: list[int] = []
-            for msg in push.messages:
-                if recent.seen(msg.msg_id):
-                    acked.append(msg.msg_id)  # the server missed our ACK: ack again, do not deliver again
-                    continue
-                if self._on_message is not None:
-                    try:
-                        result = self._on_message(msg)
-                        if inspect.isawaitable(result):
-                            await result
-                    except Exception:
-                        log.exception("pylon: on_message failed for msg_id=%d (not acked; it will be delivered "
-                                      "again)", msg.msg_id)
-                        continue
-                recent.add(msg.msg_id)
-                acked.append(msg.msg_id)
-            if self._state is State.CLOSED:
+            push: frames.Push = await self._pushes.get()
+            acks = await self._delivery.deliver(push.messages, stopped)
+            if stopped():
                 return
-            for i in range(0, len(acked), ACK_CHUNK):
-                try:
-                    link.send(Op.ACK, frames.ack(acked[i:i + ACK_CHUNK]), control=True)
-                except NotConnected:
-                    return
-                except SendQueueFull as exc:
-                    log.warning("pylon: ACK not sent (%s); the server will redeliver, duplicates are dropped", exc)
+            self._send_acks(acks)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()  # a bug in the SDK: without the worker nothing is delivered, so stop
+        log.error("pylon: delivery stopped by an internal error", exc_info=exc)
+        if self._state is not State.CLOSED:
+            self._finish(_Outcome(_End.STOP, f"internal error in delivery: {exc!r}", error=PylonError(repr(exc))))
+            if self._runner is not None and not self._runner.done():
+                self._runner.cancel()  # it may be asleep in a backoff
+
+    def _is_closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    def _send_acks(self, acks: list[int]) -> None:
+        """ACK on the connection up now. The frame may have come on an earlier one: a room that
+        resumed the session knows the ids; otherwise it ignores them and sends the messages again
+        from storage, and those duplicates are acked in their turn."""
+        link = self._link
+        if not acks or link is None or self._state is not State.CONNECTED:
+            if acks:
+                log.debug("pylon: %d ids handled between connections; acked when the server sends them again",
+                          len(acks))
+            return
+        for i in range(0, len(acks), ACK_CHUNK):
+            try:
+                link.send(Op.ACK, frames.ack(acks[i:i + ACK_CHUNK]), control=True)
+            except NotConnected:
+                return
+            except SendQueueFull as exc:
+                log.warning("pylon: ACK not sent (%s); the server will redeliver, duplicates are dropped", exc)
 
     # ------------------------------------------------------------------ helpers
 

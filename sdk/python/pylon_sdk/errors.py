@@ -4,6 +4,8 @@
 - the server refused or failed: ``ServerError`` (``AuthError`` when it is permanent)
 - the network or the server misbehaved: ``ConnectionLost``, ``ReplyTimeout`` (``UpstreamTimeout``),
   ``ProtocolError``, ``RouteError``
+- the server ended the session: ``Kicked`` (a ``ClientClosed``)
+- the local dedupe file failed: ``DedupeStoreError``
 """
 
 from __future__ import annotations
@@ -22,6 +24,20 @@ class PylonError(Exception):
 
 class ClientClosed(PylonError):
     """The client is closed (``close()``, a kick or a permanent error); create a new one."""
+
+
+class Kicked(ClientClosed):
+    """The server ended the session with KICK and the client does not reconnect. ``reason`` is the
+    server's word for it: ``replaced`` when another connection of the same uid and device_id took
+    the session over (a second copy of the app), otherwise what the app server or operator gave."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"kicked: {reason}" if reason else "kicked")
+        self.reason = reason
+
+
+class DedupeStoreError(PylonError):
+    """The dedupe file (``dedupe_path``) cannot be opened, read or written (disk, permissions, lock)."""
 
 
 class NotConnected(PylonError):

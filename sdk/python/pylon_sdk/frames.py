@@ -25,6 +25,7 @@ class AuthOk:
     server_time_ms: int
     max_frame: int
     apps: tuple[str, ...]
+    resumed: bool = False         # the session behind the AUTH's resume_token was taken over, nothing reloaded
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,7 +92,7 @@ def decode(frame: Frame) -> ServerEvent:
     if op == Op.AUTH_OK:
         a = _parse(pb.AuthOk, frame)
         return AuthOk(a.session_id, a.resume_token, a.heartbeat_s, a.server_time_ms,
-                      a.max_frame or codec.DEFAULT_MAX_FRAME, tuple(a.apps))
+                      a.max_frame or codec.DEFAULT_MAX_FRAME, tuple(a.apps), a.resumed)
     if op == Op.KICK:
         return Kick(_parse(pb.Kick, frame).reason)
     if op == Op.COMMAND:
