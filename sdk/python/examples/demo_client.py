@@ -3,10 +3,12 @@
     python sdk/python/examples/demo_client.py                 # until Ctrl-C
     python sdk/python/examples/demo_client.py --count 3       # exit after 3 messages
     python sdk/python/examples/demo_client.py --uid alice --local-json /path/to/local.json
+    python sdk/python/examples/demo_client.py --dedupe-file var/demo-handled.db   # no repeats across restarts
 
 Every message is printed on stdout as one line: ``<msg_id> <app> <payload>`` (the payload as
-text when it is UTF-8, otherwise ``base64:<...>``). Connection news goes to stderr. Push to it
-from another shell:
+text when it is UTF-8, otherwise ``base64:<...>``), once per msg_id. With ``--dedupe-file`` the
+handled ids are kept in that SQLite file, so a message printed before a restart of this client
+is not printed again. Connection news goes to stderr. Push to it from another shell:
 
     curl -s -X POST $CENTER/v1/push -H "Authorization: Bearer $API_KEY" \\
          -d '{"app": "demo", "uids": ["demo-user"], "payload": "hello"}'
@@ -21,7 +23,7 @@ import json
 import os
 import sys
 
-from pylon_sdk import AuthError, Message, PylonClient, PylonError
+from pylon_sdk import AuthError, Kicked, Message, PylonClient, PylonError
 
 
 def load_local(path: str) -> dict:
@@ -81,11 +83,14 @@ async def run(args: argparse.Namespace) -> int:
             print(f"[{kind}] {data}", file=sys.stderr, flush=True)
 
     client = PylonClient(local["dispatcher"], args.uid, token, device_id=args.device_id, apps=[app["id"]],
-                         net=args.net, on_message=on_message, on_event=on_event)
+                         net=args.net, on_message=on_message, on_event=on_event, dedupe_path=args.dedupe_file)
     try:
         await client.start(timeout=args.connect_timeout)
     except AuthError as exc:
         print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except Kicked as exc:
+        print(f"closed: {exc}", file=sys.stderr)
         return 1
     except TimeoutError:
         print(f"could not connect within {args.connect_timeout} s", file=sys.stderr)
@@ -115,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--net", default="wifi", choices=["wifi", "cellular", "ethernet", ""])
     p.add_argument("--count", type=int, default=0, help="exit after N messages (0 = run until Ctrl-C)")
     p.add_argument("--connect-timeout", type=float, default=30.0)
+    p.add_argument("--dedupe-file", default=None, metavar="PATH",
+                   help="SQLite file of handled message ids, so a restarted client prints no message twice")
     args = p.parse_args(argv)
     try:
         return asyncio.run(run(args))
