@@ -2,12 +2,17 @@
 
 ``pylon up`` runs one with data under ./var/; the integration tests run one in a temp dir on free
 ports. Every child is started and stopped by PID (PID files in ``<var>/pids``).
+
+The system keeps its identity across restarts on the same var dir: the admin key and the demo
+app (id, secret, API key) are created once and kept in ``<var>/identity.json`` (mode 0600; the
+API key exists nowhere else in clear), and a later start reuses them while the app still exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import time
@@ -16,6 +21,51 @@ import urllib.request
 
 from services.common.config import CommonConfig
 from services.launcher import backing, procs
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "identity.json"
+# names of the backing stores when the cluster runs its own (restart() takes them too)
+STORES = ("redis", "mariadb")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServicePlan:
+    """How a service was started: what restart() starts again."""
+
+    args: list[str]
+    wait_for: list[tuple[str, int]]
+    timeout_s: float = 60.0
+    nice: int = 0
+
+
+def write_private_json(path: str, data: dict) -> None:
+    """Write ``data`` as JSON readable by this user only (0600), replacing ``path`` atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left over from a crash
+        with os.fdopen(fd, "w") as fh:
+            fd = -1
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in ``path``; {} if it is missing or not a JSON object (reported)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 @dataclasses.dataclass
@@ -67,8 +117,16 @@ class LocalCluster:
         self.common = common  # None: start our own Redis and MariaDB
         self.admin_key = ""
         self.app: dict = {}
+        self.app_created = False  # ensure_demo_app() made a new app (not one kept from a previous run)
         self.stores: list[backing.Managed] = []
         self.services: dict[str, procs.ServiceProcess] = {}
+        self.plans: dict[str, ServicePlan] = {}
+        self.started_at: dict[str, float] = {}  # monotonic time of each service's (and own store's) last start
+        self._env: dict[str, str] = {}
+
+    @property
+    def identity_path(self) -> str:
+        return os.path.join(self.var, IDENTITY_FILE)
 
     @property
     def center_url(self) -> str:
@@ -87,38 +145,106 @@ class LocalCluster:
         for name, port in (("redis", self.ports.redis), ("mariadb", self.ports.mysql)):
             if backing.port_open(self.host, port):
                 raise backing.BackingError(f"port {port} for {name} is already in use; stop what holds it or pick another")
-        self.stores.append(backing.start_redis(os.path.join(self.var, "redis"), self.ports.redis, self.host))
-        self.stores.append(backing.start_mariadb(os.path.join(self.var, "mariadb"), self.ports.mysql, self.host))
+        for name in STORES:
+            self._start_store(name)
         return CommonConfig(redis_url=f"redis://{self.host}:{self.ports.redis}/0", mysql_host=self.host,
                             mysql_port=self.ports.mysql, advertise_host=self.host)
+
+    def _start_store(self, name: str) -> None:
+        if name == "redis":
+            store = backing.start_redis(os.path.join(self.var, "redis"), self.ports.redis, self.host)
+        else:
+            store = backing.start_mariadb(os.path.join(self.var, "mariadb"), self.ports.mysql, self.host)
+        self.stores = [st for st in self.stores if st.name != name] + [store]
+        self.started_at[name] = time.monotonic()
+
+    def _store(self, name: str) -> backing.Managed | None:
+        return next((st for st in self.stores if st.name == name), None)
 
     def start(self) -> None:
         os.makedirs(self.var, exist_ok=True)
         if self.common is None:
             self.common = self.start_stores()
-        self.admin_key = self.admin_key or "ak_" + secrets.token_urlsafe(24)
-        env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **self.extra_env})
-        logs = os.path.join(self.var, "logs")
-        pids = os.path.join(self.var, "pids")
+        self.admin_key = self.admin_key or self._persisted_admin_key()
+        self._env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **self.extra_env})
         p, h = self.ports, self.host
-
-        def start(name: str, args: list[str], wait: list[tuple[str, int]], timeout_s: float = 60, nice: int = 0) -> None:
-            self.services[name] = procs.start(name, args, env, logs, wait_for=wait, pid_dir=pids, timeout_s=timeout_s,
-                                              nice=nice)
-
+        self.plans = {
+            "register": ServicePlan(["register", "--host", h, "--grpc-port", str(p.register)], [(h, p.register)]),
+            "saver": ServicePlan(["saver", "--host", h, "--grpc-port", str(p.saver)], [(h, p.saver)]),
+            "coordinator": ServicePlan(["coordinator", "--host", h, "--grpc-port", str(p.coordinator)],
+                                       [(h, p.coordinator)]),
+            "center": ServicePlan(["center", "--host", h, "--port", str(p.center)], [(h, p.center)]),
+            "dispatcher": ServicePlan(["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)]),
+            "room": ServicePlan(["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
+                                 "--instances", str(self.room_instances)], self.room_addresses,
+                                timeout_s=60 + 2 * self.room_instances, nice=ROOM_NICE),
+        }
         try:
-            start("register", ["register", "--host", h, "--grpc-port", str(p.register)], [(h, p.register)])
-            start("saver", ["saver", "--host", h, "--grpc-port", str(p.saver)], [(h, p.saver)])
-            start("coordinator", ["coordinator", "--host", h, "--grpc-port", str(p.coordinator)], [(h, p.coordinator)])
-            start("center", ["center", "--host", h, "--port", str(p.center)], [(h, p.center)])
-            start("dispatcher", ["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)])
-            start("room", ["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
-                           "--instances", str(self.room_instances)], self.room_addresses,
-                  timeout_s=60 + 2 * self.room_instances, nice=ROOM_NICE)
+            for name in self.plans:
+                self._start_service(name)
             self._wait_discovered()
         except Exception:
             self.stop()
             raise
+
+    def _start_service(self, name: str) -> None:
+        plan = self.plans[name]
+        self.services[name] = procs.start(name, plan.args, self._env, os.path.join(self.var, "logs"),
+                                          wait_for=plan.wait_for, pid_dir=os.path.join(self.var, "pids"),
+                                          timeout_s=plan.timeout_s, nice=plan.nice)
+        self.started_at[name] = time.monotonic()
+
+    def names(self) -> list[str]:
+        """Every process restart() knows: the services, and the stores when the cluster runs its own."""
+        return [*self.plans, *(st.name for st in self.stores)]
+
+    def alive(self, name: str) -> bool:
+        sp = self.services.get(name)
+        if sp is not None:
+            return sp.alive()
+        store = self._store(name)
+        return store is not None and store.proc.poll() is None
+
+    def exit_code(self, name: str) -> int | None:
+        sp = self.services.get(name)
+        proc = sp.proc if sp is not None else getattr(self._store(name), "proc", None)
+        return proc.poll() if proc is not None else None
+
+    def log_path(self, name: str) -> str:
+        sp = self.services.get(name)
+        if sp is not None:
+            return sp.log_path
+        return os.path.join(self.var, name, "redis.log" if name == "redis" else "mariadb.log")
+
+    def restart(self, name: str) -> None:
+        """Start service (or own store) ``name`` again with the arguments it was first started
+        with: after it was stopped or killed, or now (it is stopped first). Waits until it listens."""
+        if name not in self.plans and self._store(name) is None:
+            raise KeyError(f"no service or store named {name!r} in this cluster")
+        if name in self.plans:
+            sp = self.services.pop(name, None)
+            if sp is not None:
+                sp.stop(timeout_s=20)  # no-op for a dead process, but reaps it and removes its PID file
+            if name == "room":
+                self._wait_room_ports_free()
+            self._start_service(name)
+        else:
+            store = self._store(name)
+            store.stop()
+            self._start_store(name)
+        log.info("restarted %s", name)
+
+    def _wait_room_ports_free(self) -> None:
+        """A room supervisor that was killed leaves its instances draining (they get SIGTERM when
+        it dies) until they close their gRPC ports; a new tier can bind only after that."""
+        ports = [port for _, port in self.room_addresses]
+        ports += [self.ports.room_grpc + i for i in range(self.room_instances)]
+        deadline = time.monotonic() + 30  # room drain_timeout_s (10) + its gRPC grace, with margin
+        while time.monotonic() < deadline:
+            if not any(backing.port_open(self.host, port) for port in ports):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"room ports {ports} still held 30 s after the room tier stopped")
 
     def _wait_discovered(self) -> None:
         """Until every room instance is live in discovery and the dispatcher hands out rooms."""
@@ -172,15 +298,65 @@ class LocalCluster:
                 raise RuntimeError(f"creating the demo app failed: {status} {body}")
         raise RuntimeError("no free demo app id")
 
+    # ------------------------------------------------------------------ identity across restarts
+    def _persisted_admin_key(self) -> str:
+        """The admin key of this var dir: created on its first start, then the same one."""
+        identity = read_json(self.identity_path)
+        key = identity.get("admin_key")
+        if not (isinstance(key, str) and len(key) >= 8):
+            # a var dir from before identity.json: keep the admin key its local.json told users
+            old = read_json(os.path.join(self.var, "local.json")).get("admin_key")
+            key = old if isinstance(old, str) and len(old) >= 8 else "ak_" + secrets.token_urlsafe(24)
+            write_private_json(self.identity_path, {**identity, "admin_key": key})
+        return key
+
+    def ensure_demo_app(self) -> dict:
+        """The demo app of this var dir: the one created before if it still exists (checked with
+        its API key), else a new one; remembered in identity.json. Needs a started cluster."""
+        identity = read_json(self.identity_path)
+        app = identity.get("app")
+        if not _app_fields(app):
+            app = read_json(os.path.join(self.var, "local.json")).get("app")  # a var dir from before identity.json
+        if _app_fields(app):
+            app = self._verified_app(app)
+        else:
+            app = None
+        self.app_created = app is None
+        if app is None:
+            app = self.create_demo_app()
+            log.info("created demo app %s", app["id"])
+        self.app = app
+        write_private_json(self.identity_path, {**identity, "admin_key": self.admin_key, "app": app})
+        return app
+
+    def _verified_app(self, app: dict) -> dict | None:
+        """``app`` if it still exists with that secret and API key; with a new API key if only
+        the key no longer works (rotated); None if the app is gone (its database was lost)."""
+        status, body = self.api("GET", f"/v1/apps/{app['id']}")
+        if status == 404:
+            log.warning("demo app %s no longer exists; creating a new one", app["id"])
+            return None
+        if status != 200:
+            raise RuntimeError(f"checking the demo app {app['id']} failed: {status} {body}")
+        app = {**app, "secret": body.get("secret", app["secret"])}
+        status, body = self.api("POST", "/v1/tokens", {"uid": "launcher-check", "app": app["id"]}, key=app["api_key"])
+        if status == 200:
+            return app
+        if status not in (401, 403):  # 403: the stored key belongs to another app
+            raise RuntimeError(f"checking the demo app's API key failed: {status} {body}")
+        status, body = self.api("POST", f"/v1/apps/{app['id']}/rotate-key")
+        if status != 200:
+            raise RuntimeError(f"the demo app's API key no longer works and rotating it failed: {status} {body}")
+        log.warning("the demo app's stored API key no longer works (rotated?); it has a new one")
+        return {**app, "api_key": body["api_key"]}
+
     def local_json(self) -> dict:
         return {"center": self.center_url, "dispatcher": self.dispatcher_url, "app": self.app,
                 "admin_key": self.admin_key,
                 "rooms": [f"{h}:{p}" for h, p in self.room_addresses]}
 
     def write_local_json(self, path: str) -> None:
-        with open(path, "w") as fh:
-            json.dump(self.local_json(), fh, indent=2)
-            fh.write("\n")
+        write_private_json(path, self.local_json())  # it holds the admin key and the app's secret
 
     def stop(self) -> None:
         for name in ("room", "dispatcher", "center", "coordinator", "saver", "register"):
@@ -190,3 +366,7 @@ class LocalCluster:
         for store in reversed(self.stores):
             store.stop()
         self.stores.clear()
+
+
+def _app_fields(app) -> bool:
+    return isinstance(app, dict) and all(isinstance(app.get(k), str) and app.get(k) for k in ("id", "secret", "api_key"))

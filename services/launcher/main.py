@@ -1,4 +1,8 @@
-"""`pylon up`: run the whole system on this machine until Ctrl-C."""
+"""`pylon up`: run the whole system on this machine until Ctrl-C.
+
+A process that dies while the system is up (a service, or the Redis/MariaDB it runs) is started
+again with the same arguments after a backoff that grows while it keeps dying. Restarting on an
+existing var dir keeps the demo app, its keys and the admin key (see ``cluster.py``)."""
 
 from __future__ import annotations
 
@@ -34,20 +38,21 @@ def main(args) -> int:
           flush=True)
     try:
         cluster.start()
-        app = cluster.create_demo_app()
+        app = cluster.ensure_demo_app()
     except (BackingError, RuntimeError) as exc:
         print(f"pylon up failed: {exc}", file=sys.stderr)
         cluster.stop()
         return 1
     path = os.path.join(args.var, "local.json")
     cluster.write_local_json(path)
+    kept = "" if cluster.app_created else "  (kept from the previous run)"
     rooms_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_addresses)
     print(f"""
 Pylon is up.
   center      {cluster.center_url}    (API, /dashboard, /metrics, /openapi.json)
   dispatcher  {cluster.dispatcher_url}
   rooms       {rooms_text}
-  demo app    id={app['id']}
+  demo app    id={app['id']}{kept}
               api_key={app['api_key']}
               secret={app['secret']}
   admin key   {cluster.admin_key}
@@ -62,14 +67,47 @@ Then push it a message:
 
 Ctrl-C stops everything.""", flush=True)
     try:
-        while not stopping:
-            for name, sp in cluster.services.items():
-                if not sp.alive():
-                    print(f"{name} exited unexpectedly (code {sp.proc.returncode}); see {sp.log_path}", file=sys.stderr)
-                    stopping = True
-            time.sleep(0.5)
+        watch(cluster, lambda: stopping)
     finally:
         print("\nstopping ...", flush=True)
         cluster.stop()
         print("stopped.")
     return 0
+
+
+def watch(cluster, stopping, poll_s: float = 0.5) -> None:
+    """Until ``stopping()``: start again every process of ``cluster`` that died."""
+    from services.launcher.procs import RestartBackoff, describe_exit
+
+    # 1 s, doubling while it dies within a minute of its start, at most 30 s
+    backoffs = {name: RestartBackoff(first_s=1.0, max_s=30.0, stable_s=60.0) for name in cluster.names()}
+    due: dict[str, float] = {}  # name -> monotonic time of its pending restart
+    while not stopping():
+        now = time.monotonic()
+        for name in cluster.names():
+            if stopping():
+                return
+            if name in due:
+                if now < due[name]:
+                    continue
+                del due[name]
+                try:
+                    cluster.restart(name)
+                except Exception as exc:  # it died again while starting: try later
+                    delay = backoffs[name].died(0.0)
+                    due[name] = time.monotonic() + delay
+                    _say(f"restarting {name} failed, next try in {delay:.0f} s: {exc}")
+                else:
+                    _say(f"{name} restarted")
+                continue
+            if not cluster.alive(name):
+                lived = now - cluster.started_at.get(name, now)
+                delay = backoffs[name].died(lived)
+                due[name] = now + delay
+                _say(f"{name} {describe_exit(cluster.exit_code(name))} after {lived:.0f} s; restarting it in "
+                     f"{delay:.0f} s (log: {cluster.log_path(name)})")
+        time.sleep(poll_s)
+
+
+def _say(line: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
