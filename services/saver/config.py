@@ -39,6 +39,11 @@ class SaverConfig:
     # background sweep of the MySQL log
     sweep_interval_s: float = 60.0
     sweep_batch_rows: int = 5000
+    # rebuild of Redis from MySQL after Redis lost its data (see services/saver/epoch.py)
+    epoch_check_interval_s: float = 1.0  # how often to look for the epoch besides the write path
+    rebuild_chunk_rows: int = 1000       # rows per MySQL page and Redis pipeline
+    rebuild_lock_ttl_s: float = 10.0     # renewed by every page; frees a rebuild whose saver died
+    rebuild_wait_s: float = 5.0          # an RPC waits this long (at most its deadline) for a rebuild
     redis_max_connections: int = 32
     shutdown_grace_s: float = 5.0
 
@@ -64,5 +69,9 @@ class SaverConfig:
         require(self.mysql_timeout_s > 0, "saver.mysql_timeout_s", "must be > 0")
         require(self.sweep_interval_s > 0, "saver.sweep_interval_s", "must be > 0")
         require(1 <= self.sweep_batch_rows <= 100_000, "saver.sweep_batch_rows", "must be in 1..100000")
+        require(0.05 <= self.epoch_check_interval_s <= 60, "saver.epoch_check_interval_s", "must be in 0.05..60")
+        require(1 <= self.rebuild_chunk_rows <= 10_000, "saver.rebuild_chunk_rows", "must be in 1..10000")
+        require(1 <= self.rebuild_lock_ttl_s <= 600, "saver.rebuild_lock_ttl_s", "must be in 1..600")
+        require(0 <= self.rebuild_wait_s <= 60, "saver.rebuild_wait_s", "must be in 0..60")
         require(self.redis_max_connections >= 1, "saver.redis_max_connections", "must be >= 1")
         require(self.shutdown_grace_s >= 0, "saver.shutdown_grace_s", "must be >= 0")

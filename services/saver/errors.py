@@ -12,3 +12,9 @@ class BackendUnavailable(Exception):
     def __init__(self, backend: str, detail: str) -> None:
         super().__init__(f"{backend} unavailable: {detail}")
         self.backend = backend
+
+
+class EpochMissing(Exception):
+    """Redis refused a write or read because its epoch is gone (it lost the saver's data) or
+    changed since the operation began. Nothing was numbered or changed by the refused part; the
+    store waits for the rebuild from MySQL and runs it again."""

@@ -2,6 +2,8 @@
 
 Status mapping: the caller's bad request → INVALID_ARGUMENT; Redis or MySQL down → UNAVAILABLE
 (logged once per outage, not per call); bounded MySQL queue full → RESOURCE_EXHAUSTED.
+While Redis is being rebuilt from MySQL a call waits for it until shortly before its deadline,
+so the caller hears UNAVAILABLE (and can try elsewhere or later) rather than DEADLINE_EXCEEDED.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from services.saver.errors import BackendUnavailable, Overloaded, RequestError
 from services.saver.store import MessageStore
 
 log = logging.getLogger(__name__)
+
+# kept from the caller's deadline for the answer to reach it
+_REPLY_MARGIN_S = 0.25
+
+
+def rebuild_wait_s(context) -> float | None:
+    """How long this call may wait for a rebuild: its time left less the reply margin (None: no deadline)."""
+    left = context.time_remaining()
+    return None if left is None else max(left - _REPLY_MARGIN_S, 0.0)
 
 
 class SaverServicer(internal_pb2_grpc.SaverServicer):
@@ -66,12 +77,12 @@ class SaverServicer(internal_pb2_grpc.SaverServicer):
             m.RPC_SECONDS.labels(method, outcome).observe(time.perf_counter() - started)
 
     async def Store(self, request, context):
-        seqs = await self._run("Store", len(request.messages), context, self.store.store(request.messages))
+        seqs = await self._run("Store", len(request.messages), context, self.store.store(request.messages, rebuild_wait_s(context)))
         return internal_pb2.StoreReply(seqs=seqs)
 
     async def LoadInbox(self, request, context):
         inboxes = await self._run("LoadInbox", len(request.keys), context,
-                                  self.store.load(request.keys, request.limit_per_inbox))
+                                  self.store.load(request.keys, request.limit_per_inbox, rebuild_wait_s(context)))
         return internal_pb2.LoadReply(inboxes=inboxes)
 
     async def Ack(self, request, context):
@@ -79,7 +90,7 @@ class SaverServicer(internal_pb2_grpc.SaverServicer):
         return internal_pb2.Count(n=n)
 
     async def MarkDelivered(self, request, context):
-        n = await self._run("MarkDelivered", len(request.refs), context, self.store.mark_delivered(request.refs))
+        n = await self._run("MarkDelivered", len(request.refs), context, self.store.mark_delivered(request.refs, rebuild_wait_s(context)))
         return internal_pb2.Count(n=n)
 
     async def GetMessage(self, request, context):

@@ -1,7 +1,9 @@
 """MessageJournal: the saver's MySQL side (table ``messages``), written in multi-row batches.
 
 Concurrent Store RPCs share INSERTs through a Batcher (up to ``mysql_batch_rows`` rows, flushed
-after ``mysql_batch_delay_s``); acks and parks share batched UPDATEs the same way. Flushes never
+after ``mysql_batch_delay_s``); acks and delivery counts (parks included) share batched UPDATEs
+the same way: one statement for all the acks of a flush, one for all its deliveries, whatever
+number of RPCs they came from. MySQL thus holds every state change a rebuild of Redis needs. Flushes never
 raise into the Batcher: a failed statement hands its exception to every waiting item, and the
 journal logs an outage once (OutageLog), not once per failed batch.
 """
@@ -23,7 +25,7 @@ from services.saver import keys
 from services.saver import metrics as m
 from services.saver.config import SaverConfig
 from services.saver.errors import BackendUnavailable
-from services.saver.validation import StoreItem
+from services.saver.validation import Ref, StoreItem
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,11 @@ UNAVAILABLE_ERRORS = (pymysql.err.OperationalError, pymysql.err.InterfaceError, 
 _INSERT_HEAD = "INSERT INTO messages (msg_id, uid, app, seq, payload, created_ms, expires_ms) VALUES "
 # a retried Store of the same msg_id keeps one row, numbered by the latest attempt
 _INSERT_TAIL = " ON DUPLICATE KEY UPDATE seq=VALUES(seq)"
+_STORED = keys.STATE_CODES[keys.State.STORED]
+_DELIVERED = keys.STATE_CODES[keys.State.DELIVERED]
 _ACKED = keys.STATE_CODES[keys.State.ACKED]
 _PARKED = keys.STATE_CODES[keys.State.PARKED]
+_SCAN_COLUMNS = "msg_id, uid, app, seq, created_ms, expires_ms, state, attempts"
 
 
 def insert_sql(rows: Sequence[tuple], escape: Callable[[str], str] = escape_string) -> str:
@@ -48,6 +53,50 @@ def insert_sql(rows: Sequence[tuple], escape: Callable[[str], str] = escape_stri
         parts.append(f"({int(msg_id)},'{escape(uid)}','{escape(app)}',{int(seq)},"
                      f"X'{payload.hex()}',{int(created_ms)},{int(expires_ms)})")
     return _INSERT_HEAD + ",".join(parts) + _INSERT_TAIL
+
+
+def ack_sql(acks: Sequence[tuple[Ref, int]]) -> tuple[str, list]:
+    """One UPDATE for a flush of (ref, acked_ms) acks. Owner-checked per row: a ref acks its row
+    only if uid and app match byte for byte (BINARY: the columns' collation ignores case and
+    trailing spaces, uids do not). It applies whether or not Redis still had the message, so an
+    ack is never lost to a Redis that forgot it, and an acked row is never rebuilt into an inbox."""
+    when_acked: dict[int, int] = {}
+    owners: list = []
+    for ref, acked_ms in acks:
+        when_acked.setdefault(ref.msg_id, acked_ms)
+        owners += (ref.msg_id, ref.uid, ref.app)
+    ids = list(when_acked)
+    case = " ".join(["WHEN %s THEN %s"] * len(ids))
+    owned = " OR ".join(["(msg_id=%s AND BINARY uid=%s AND BINARY app=%s)"] * len(acks))
+    sql = (f"UPDATE messages SET state={_ACKED}, payload='', acked_ms=CASE msg_id {case} END "
+           f"WHERE msg_id IN ({','.join(['%s'] * len(ids))}) AND state<>{_ACKED} AND ({owned})")
+    args = [v for pair in when_acked.items() for v in pair] + ids + owners
+    return sql, args
+
+
+def delivered_sql(deliveries: Sequence[tuple[int, int]]) -> tuple[str, list]:
+    """One UPDATE for a flush of (msg_id, attempts) delivery counts from Redis (negative attempts:
+    that delivery parked the message). A row goes stored → delivered (or parked) and its attempts
+    only move up; an acked or parked row is left alone (an ack that raced the last delivery stays
+    an ack). The owner was checked by Redis, which counted the delivery."""
+    attempts: dict[int, int] = {}
+    parked: set[int] = set()
+    for msg_id, n in deliveries:
+        if n < 0:
+            parked.add(msg_id)
+        attempts[msg_id] = max(attempts.get(msg_id, 0), abs(n))
+    ids = list(attempts)
+    case = " ".join(["WHEN %s THEN %s"] * len(ids))
+    args: list = [v for pair in attempts.items() for v in pair]
+    if parked:
+        state = (f"CASE WHEN msg_id IN ({','.join(['%s'] * len(parked))}) THEN {_PARKED} "
+                 f"WHEN state={_STORED} THEN {_DELIVERED} ELSE state END")
+        args += sorted(parked)
+    else:
+        state = f"IF(state={_STORED}, {_DELIVERED}, state)"
+    sql = (f"UPDATE messages SET attempts=GREATEST(attempts, CASE msg_id {case} END), state={state} "
+           f"WHERE msg_id IN ({','.join(['%s'] * len(ids))}) AND state<{_ACKED}")
+    return sql, args + ids
 
 
 class MessageJournal:
@@ -86,11 +135,13 @@ class MessageJournal:
                 for it, seq in zip(items, seqs, strict=True)]
         await self._submit(self._inserts, rows)
 
-    async def mark_acked(self, msg_ids: Sequence[int], acked_ms: int) -> None:
-        await self._submit(self._updates, [("ack", msg_id, acked_ms) for msg_id in msg_ids])
+    async def mark_acked(self, refs: Sequence[Ref], acked_ms: int) -> None:
+        """Record acks (owner-checked in the statement); returns once committed."""
+        await self._submit(self._updates, [("ack", (ref, acked_ms)) for ref in refs])
 
-    async def mark_parked(self, msg_ids: Sequence[int], attempts: int) -> None:
-        await self._submit(self._updates, [("park", msg_id, attempts) for msg_id in msg_ids])
+    async def mark_delivered(self, deliveries: Sequence[tuple[int, int]]) -> None:
+        """Record (msg_id, attempts) delivery counts, attempts < 0 for a park; returns once committed."""
+        await self._submit(self._updates, [("deliver", d) for d in deliveries])
 
     async def _submit(self, batcher: Batcher, items: list) -> None:
         if not items:
@@ -150,24 +201,19 @@ class MessageJournal:
         return [None] * len(rows)
 
     async def _flush_updates(self, items: list[tuple]) -> list:
-        groups: dict[tuple[str, int], list[int]] = {}
-        for op, msg_id, value in items:
-            groups.setdefault((op, value), []).append(msg_id)
-        failed: dict[tuple[str, int], BaseException] = {}
-        for (op, value), ids in groups.items():
-            marks = ",".join(["%s"] * len(ids))
-            if op == "ack":
-                # the payload goes with the ack, as it does in Redis
-                sql = f"UPDATE messages SET state={_ACKED}, acked_ms=%s, payload='' WHERE msg_id IN ({marks})"
-            else:
-                # never turn an ack that raced the last delivery back into a park
-                sql = (f"UPDATE messages SET state={_PARKED}, attempts=%s WHERE msg_id IN ({marks}) "
-                       f"AND state < {_ACKED}")
+        groups: dict[str, list] = {}
+        for op, value in items:
+            groups.setdefault(op, []).append(value)
+        failed: dict[str, BaseException] = {}
+        # acks first: a delivery count in the same flush must not win over them (it cannot: the
+        # deliver statement skips acked rows, and an ack applies to delivered and parked ones)
+        for op in sorted(groups):
+            sql, args = ack_sql(groups[op]) if op == "ack" else delivered_sql(groups[op])
             try:
-                await self._execute(op, sql, [value, *ids], len(ids))
+                await self._execute(op, sql, args, len(groups[op]))
             except Exception as exc:
-                failed[(op, value)] = self._failed(exc)
-        return [failed.get((op, value)) for op, _, value in items]
+                failed[op] = self._failed(exc)
+        return [failed.get(op) for op, _ in items]
 
     # ------------------------------------------------------------------ reads
     async def get(self, msg_id: int) -> dict | None:
@@ -187,6 +233,25 @@ class MessageJournal:
         uid, app, seq, created_ms, expires_ms, state, attempts, acked_ms = row
         return {"uid": uid, "app": app, "seq": seq, "created_ms": created_ms, "expires_ms": expires_ms,
                 "state": keys.state_from_code(state), "attempts": attempts, "acked_ms": acked_ms}
+
+    async def scan(self, after_msg_id: int, now_ms: int, limit: int) -> list[tuple]:
+        """Up to ``limit`` rows with msg_id above ``after_msg_id``, in msg_id order (keyset
+        pagination on the primary key: each page is one index range, however large the table),
+        for a rebuild of Redis: (msg_id, uid, app, seq, created_ms, expires_ms, state, attempts,
+        payload). Every row counts for the sequence counters; the payload is read only for rows
+        that go back into an inbox (not acked, not parked, not expired)."""
+        started = time.perf_counter()
+        try:
+            async with self._pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(
+                    f"SELECT {_SCAN_COLUMNS}, IF(state<{_ACKED} AND expires_ms>%s, payload, '') FROM messages "
+                    "WHERE msg_id>%s ORDER BY msg_id LIMIT %s", (now_ms, after_msg_id, limit))
+                rows = await cur.fetchall()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._failed(exc) from None
+        self.outage.ok()
+        m.MYSQL_SECONDS.labels("rebuild_scan").observe(time.perf_counter() - started)
+        return rows
 
     # ------------------------------------------------------------------ sweep
     async def sweep_once(self, now_ms: int) -> int:

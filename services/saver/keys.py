@@ -29,6 +29,15 @@ CODE_STATES = {code: state for state, code in STATE_CODES.items()}
 PENDING = frozenset((State.STORED, State.DELIVERED))
 
 
+# The epoch: a token the saver that last rebuilt Redis from MySQL (or found it empty and new)
+# wrote. Its absence means Redis lost the saver's data (FLUSHALL, a restart without
+# persistence, a new server): inboxes and sequence counters must be rebuilt before anything is
+# read or numbered. The lock shares its hash tag, so the scripts that check one and set the
+# other touch one cluster slot.
+EPOCH_KEY = "pylon:saver:{epoch}"
+REBUILD_LOCK_KEY = "pylon:saver:{epoch}:rebuild-lock"
+
+
 def message_key(msg_id: int) -> str:
     return f"pylon:m:{msg_id}"
 

@@ -28,9 +28,12 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.common import metrics, mysql, rpc, runtime
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
+    from services.saver import metrics as saver_metrics
+    from services.saver.epoch import EpochGuard
     from services.saver.grpc_adapter import SaverServicer
     from services.saver.inbox import InboxStore
     from services.saver.journal import MessageJournal
+    from services.saver.rebuild import RedisRebuild
     from services.saver.store import MessageStore
 
     redis = runtime.redis_client(common.redis_url, cfg.redis_max_connections, fail_fast=True)
@@ -53,11 +56,18 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         metrics_server.close()
         await redis.aclose()
         return
-    inbox = InboxStore(redis, ack_retention_s=cfg.ack_retention_s, max_attempts=cfg.max_attempts,
-                       seq_ttl_s=cfg.max_ttl_s + cfg.ack_retention_s)
+    seq_ttl_s = cfg.max_ttl_s + cfg.ack_retention_s
+    inbox = InboxStore(redis, ack_retention_s=cfg.ack_retention_s, max_attempts=cfg.max_attempts, seq_ttl_s=seq_ttl_s)
     journal = MessageJournal(pool, cfg)
-    store = MessageStore(inbox, journal, cfg)
+    rebuild = RedisRebuild(redis, journal, chunk_rows=cfg.rebuild_chunk_rows, ack_retention_s=cfg.ack_retention_s,
+                           seq_ttl_s=seq_ttl_s, lock_ttl_s=cfg.rebuild_lock_ttl_s,
+                           on_chunk=saver_metrics.REBUILD_ROWS.inc)
+    guard = EpochGuard(redis, rebuild, check_interval_s=cfg.epoch_check_interval_s, lock_ttl_s=cfg.rebuild_lock_ttl_s)
+    store = MessageStore(inbox, journal, guard, cfg)
     journal.start()
+    # Redis without an epoch is rebuilt from MySQL before anything is served: RPCs that arrive
+    # meanwhile wait for it (or hear UNAVAILABLE), and discovery learns of this saver after it.
+    await guard.start()
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
                                     [(internal_pb2_grpc.add_SaverServicer_to_server, SaverServicer(store))])
     adv = common.advertise_host
@@ -65,6 +75,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
     log.info("saver serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
     try:
+        await _until_whole(guard, stop)
         await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)
         await stop.wait()
     finally:
@@ -72,8 +83,15 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         await discovery.withdraw()
         await discovery.close()
         await server.stop(cfg.shutdown_grace_s)
+        await guard.close()
         await journal.close(cfg.shutdown_grace_s)
         pool.close()
         await pool.wait_closed()
         metrics_server.close()
         await redis.aclose()
+
+
+async def _until_whole(guard, stop: asyncio.Event) -> None:
+    """Wait for a rebuild running at start (if any) to end, or for stop."""
+    while guard.recovering and not stop.is_set():
+        await asyncio.sleep(0.1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 STORED = Counter("pylon_saver_messages_stored_total", "Messages stored (Redis inbox + MySQL log)")
 LOADED = Counter("pylon_saver_messages_loaded_total", "Messages returned by LoadInbox")
@@ -28,3 +28,14 @@ RPC_ITEMS = Histogram(
     "pylon_saver_rpc_items", "Items per saver RPC", ["method"],
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+REBUILDS = Counter(
+    "pylon_saver_rebuilds_total", "Rebuilds of Redis from MySQL run by this saver, by outcome", ["outcome"])
+REBUILD_ROWS = Counter("pylon_saver_rebuild_rows_total", "Messages put back into their inboxes by rebuilds")
+REBUILD_SECONDS = Histogram(
+    "pylon_saver_rebuild_seconds", "Duration of a complete rebuild of Redis from MySQL",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+REBUILDING = Gauge(
+    "pylon_saver_rebuilding", "1 while Redis has no epoch and this saver rebuilds it or waits for the saver that does")
+EPOCH_REFUSALS = Counter(
+    "pylon_saver_epoch_refusals_total", "Operations Redis refused for want of an epoch (its data lost or rebuilt meanwhile)")

@@ -1,8 +1,20 @@
 """MessageStore: the saver's core. Validates a batch, then drives the Redis inbox side and the
-MySQL journal side. Holds no gRPC types beyond the protobuf messages it returns."""
+MySQL journal side. Holds no gRPC types beyond the protobuf messages it returns.
+
+What each answer means (every write is committed to MySQL before the RPC returns):
+  Store         each message is a committed MySQL row and in its Redis inbox, numbered above
+                every seq its (uid, app) pair had, in Redis or in MySQL;
+  Ack           each owner's ack is committed to MySQL (whether or not Redis still had the
+                message), so no rebuild brings it back; the count is acks Redis applied;
+  MarkDelivered each counted attempt is in Redis and committed to MySQL (state delivered or
+                parked, attempts), so a rebuild restores it.
+Store, LoadInbox and MarkDelivered wait while Redis is being rebuilt from MySQL (EpochGuard),
+up to the caller's deadline, and run again what Redis refused for want of an epoch.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -10,8 +22,14 @@ from services.common.pb import internal_pb2
 from services.saver import keys, validation
 from services.saver import metrics as m
 from services.saver.config import SaverConfig
+from services.saver.epoch import EpochGuard
+from services.saver.errors import BackendUnavailable, EpochMissing
 from services.saver.inbox import InboxStore
 from services.saver.journal import MessageJournal
+
+# Runs of an operation that Redis refused for want of an epoch: the first meets the loss, the
+# second runs on the rebuilt data; a third covers a second loss during the rebuild.
+EPOCH_TRIES = 3
 
 
 def _now_ms() -> int:
@@ -19,29 +37,58 @@ def _now_ms() -> int:
 
 
 class MessageStore:
-    def __init__(self, inbox: InboxStore, journal: MessageJournal, cfg: SaverConfig,
+    def __init__(self, inbox: InboxStore, journal: MessageJournal, guard: EpochGuard, cfg: SaverConfig,
                  clock_ms: Callable[[], int] = _now_ms) -> None:
         self.inbox = inbox
         self.journal = journal
+        self.guard = guard
         self.cfg = cfg
         self._now_ms = clock_ms
 
-    async def store(self, messages: Sequence[internal_pb2.StoredMessage]) -> list[int]:
+    def _deadline(self, wait_s: float | None) -> float:
+        """Loop time until which this call may wait for a rebuild."""
+        wait = self.cfg.rebuild_wait_s if wait_s is None else min(wait_s, self.cfg.rebuild_wait_s)
+        return asyncio.get_running_loop().time() + wait
+
+    async def _until_whole(self, deadline: float) -> None:
+        await self.guard.wait(deadline - asyncio.get_running_loop().time())
+
+    async def store(self, messages: Sequence[internal_pb2.StoredMessage], wait_s: float | None = None) -> list[int]:
         """Durably store a batch; returns each message's per-(uid, app) seq, in request order.
-        MySQL is written before the inbox, so a message that failed to store is never delivered."""
+        MySQL is written before the inbox, so a message that failed to store is never delivered.
+        When Redis lost its data or was rebuilt while the batch was numbered, the batch is
+        numbered again from the rebuilt counters (its rows renumbered: ON DUPLICATE KEY UPDATE)."""
         items = validation.store_items(messages, self.cfg, self._now_ms())
         if not items:
             return []
-        seqs = await self.inbox.assign_seqs(items)
-        await self.journal.insert(items, seqs)
-        await self.inbox.write(items, seqs)
-        m.STORED.inc(len(items))
-        return seqs
+        deadline = self._deadline(wait_s)
+        for _ in range(EPOCH_TRIES):
+            await self._until_whole(deadline)
+            try:
+                seqs, epoch = await self.inbox.assign_seqs(items)
+                await self.journal.insert(items, seqs)
+                await self.inbox.write(items, seqs, epoch)
+            except EpochMissing:
+                self.guard.lost()
+                continue
+            m.STORED.inc(len(items))
+            return seqs
+        raise BackendUnavailable("Redis", "lost its data again while this batch was stored; retry")
 
-    async def load(self, raw_keys: Sequence[internal_pb2.InboxKey], limit: int) -> list[internal_pb2.Inbox]:
+    async def load(self, raw_keys: Sequence[internal_pb2.InboxKey], limit: int,
+                   wait_s: float | None = None) -> list[internal_pb2.Inbox]:
         per_key, limit = validation.load_keys(raw_keys, limit, self.cfg)
         flat = [pair for pairs in per_key for pair in pairs]
-        loaded, pruned = await self.inbox.load(flat, limit, self._now_ms(), self.cfg.load_max_bytes)
+        deadline = self._deadline(wait_s)
+        for _ in range(EPOCH_TRIES):
+            await self._until_whole(deadline)
+            try:
+                loaded, pruned = await self.inbox.load(flat, limit, self._now_ms(), self.cfg.load_max_bytes)
+                break
+            except EpochMissing:
+                self.guard.lost()
+        else:
+            raise BackendUnavailable("Redis", "lost its data again while inboxes were loaded; retry")
         m.PRUNED.inc(pruned)
         out, pos = [], 0
         for key, pairs in zip(raw_keys, per_key, strict=True):
@@ -52,24 +99,41 @@ class MessageStore:
         return out
 
     async def ack(self, raw_refs: Sequence[internal_pb2.MessageRef]) -> int:
+        """MySQL first (owner-checked there), then Redis: once the ack is committed no rebuild
+        can bring the message back, whatever Redis knew of it. Never waits for a rebuild (see
+        lua._ACK for how an ack and a concurrent rebuild meet)."""
         refs = validation.refs("Ack", raw_refs, self.cfg)
         if not refs:
             return 0
         now = self._now_ms()
+        await self.journal.mark_acked(refs, now)
         acked = await self.inbox.ack(refs, now)
-        await self.journal.mark_acked(acked, now)
         m.ACKED.inc(len(acked))
         return len(acked)
 
-    async def mark_delivered(self, raw_refs: Sequence[internal_pb2.MessageRef]) -> int:
+    async def mark_delivered(self, raw_refs: Sequence[internal_pb2.MessageRef], wait_s: float | None = None) -> int:
+        """Count the attempts in Redis (owner-checked, atomic with the park decision), then commit
+        state and attempts to MySQL. Refs Redis refused for want of an epoch were not counted;
+        they are counted on the rebuilt records."""
         refs = validation.refs("MarkDelivered", raw_refs, self.cfg)
         if not refs:
             return 0
-        counted, parked = await self.inbox.mark_delivered(refs)
-        await self.journal.mark_parked([r.msg_id for r in parked], self.cfg.max_attempts)
-        m.DELIVERED.inc(counted)
-        m.PARKED.inc(len(parked))
-        return counted
+        deadline = self._deadline(wait_s)
+        counted: list = []
+        for _ in range(EPOCH_TRIES):
+            await self._until_whole(deadline)
+            done, refs = await self.inbox.mark_delivered(refs)
+            counted += done
+            if not refs:
+                break
+            self.guard.lost()
+        await self.journal.mark_delivered([(r.msg_id, n) for r, n in counted])
+        parked = sum(1 for _, n in counted if n < 0)
+        m.DELIVERED.inc(len(counted))
+        m.PARKED.inc(parked)
+        if refs:
+            raise BackendUnavailable("Redis", f"lost its data again; {len(refs)} deliveries not counted, retry")
+        return len(counted)
 
     async def get(self, msg_id: int) -> internal_pb2.MessageState:
         validation.check_msg_id(msg_id)
