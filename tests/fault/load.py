@@ -47,6 +47,7 @@ class ClientStats:
     disconnects: int = 0
     duplicates_dropped: int = 0
     last_disconnect: str = ""
+    closed_reason: str = ""
 
 
 class Ledger:
@@ -176,17 +177,39 @@ class LoadHarness:
     async def _start(self, timeout_s: float) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
         for uid in self.uids:
-            token, _ = tokens.sign(self.app["secret"], uid, self.app["id"], 24 * 3600, device_id="fault-dev")
-            st = self.stats[uid]
-            client = PylonClient(self.dispatcher_url, uid=uid, token=token, device_id="fault-dev",
-                                 on_message=self._handler(uid), on_event=self._on_event(st),
-                                 connect_timeout_s=3, auth_timeout_s=3, pong_timeout_s=5,
-                                 reconnect_min_s=0.2, reconnect_max_s=2.0)
+            self.clients[uid] = self._client(uid)
+        await asyncio.wait_for(asyncio.gather(*(c.start() for c in self.clients.values())), timeout_s)
+
+    def _client(self, uid: str) -> PylonClient:
+        token, _ = tokens.sign(self.app["secret"], uid, self.app["id"], 24 * 3600, device_id="fault-dev")
+        st = self.stats[uid]
+        client = PylonClient(self.dispatcher_url, uid=uid, token=token, device_id="fault-dev",
+                             on_message=self._handler(uid), on_event=self._on_event(st),
+                             connect_timeout_s=3, auth_timeout_s=3, pong_timeout_s=5,
+                             reconnect_min_s=0.2, reconnect_max_s=2.0)
+        if not hasattr(client, "duplicates_dropped"):  # an SDK without the counter: watch its dedupe
             recent = getattr(client, "_recent", None)
             if recent is not None and hasattr(recent, "seen"):
                 client._recent = _CountingRecent(recent, st)
-            self.clients[uid] = client
-        await asyncio.wait_for(asyncio.gather(*(c.start() for c in self.clients.values())), timeout_s)
+        return client
+
+    def revive_closed(self) -> dict[str, str]:
+        """Replace every client the SDK closed for good (kicked, refused) by a new one for the same
+        uid; uid -> why the old one closed. The new client's dedupe starts empty."""
+        return self.call(self._revive_closed(), 30)
+
+    async def _revive_closed(self) -> dict[str, str]:
+        revived = {}
+        for uid, c in list(self.clients.items()):
+            if c.state.value == "closed":
+                revived[uid] = c.close_reason
+                await c.close()
+                self.stats[uid].closed_reason = c.close_reason
+                fresh = self._client(uid)
+                self.clients[uid] = fresh
+                fresh_start = self.loop.create_task(fresh.start())
+                fresh_start.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return revived
 
     def _handler(self, uid: str):
         ledger = self.ledger
@@ -218,10 +241,11 @@ class LoadHarness:
         for uid, c in self.clients.items():
             addr = c.address
             st = self.stats[uid]
+            dropped = getattr(c, "duplicates_dropped", st.duplicates_dropped)
             out[uid] = {"connected": c.connected, "port": addr.port if addr is not None else None,
                         "state": c.state.value, "connects": st.connects, "resumed": st.resumed,
-                        "disconnects": st.disconnects, "duplicates_dropped": st.duplicates_dropped,
-                        "last_disconnect": st.last_disconnect}
+                        "disconnects": st.disconnects, "duplicates_dropped": dropped,
+                        "last_disconnect": st.last_disconnect, "close_reason": c.close_reason}
         return out
 
     def counters(self) -> dict[str, int]:

@@ -292,6 +292,21 @@ class FaultSystem:
             _wait_gone(pid, 10)
         return sp.pid
 
+    def wipe_redis(self) -> list[str]:
+        """Delete a killed Redis's data (its append-only dir, any snapshot): it comes back empty."""
+        import shutil
+
+        if self.stores["redis"].proc.poll() is None:
+            raise FaultSystemError("wipe_redis: Redis is still running")
+        data = os.path.join(self.dir, "redis")
+        gone = []
+        for entry in os.listdir(data):
+            path = os.path.join(data, entry)
+            if entry == "appendonlydir" or entry.endswith((".rdb", ".aof")):
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+                gone.append(entry)
+        return gone
+
     def kill_room_instance(self, i: int) -> int:
         pid = self.room_instance_pid(i)
         if pid is None:

@@ -114,7 +114,8 @@ def whole(e: Env) -> list[str]:
     view = e.harness.client_view()
     for uid, v in view.items():
         if not v["connected"]:
-            out.append(f"client {uid} is {v['state']} (last disconnect: {v['last_disconnect'] or '-'})")
+            closed = f", closed: {v['close_reason']}" if v["state"] == "closed" else ""
+            out.append(f"client {uid} is {v['state']} (last disconnect: {v['last_disconnect'] or '-'}{closed})")
     if out:
         return out
     presence = e.harness.presence()
@@ -200,6 +201,16 @@ def cut(*proxies: str) -> tuple[Callable, Callable]:
     return inject, heal
 
 
+def _kill_redis_and_lose_data(e: Env, info: dict) -> None:
+    info["killed_pid"] = e.system.kill("redis")
+    info["deleted"] = e.system.wipe_redis()
+
+
+def _restart_empty_redis(e: Env, info: dict) -> None:
+    time.sleep(DOWN_S)
+    e.system.restart("redis")
+
+
 def _crash_host(e: Env, info: dict) -> None:
     info["killed_pids"] = len(e.system.crash_host())
 
@@ -231,6 +242,10 @@ FAULTS = [
     Fault("cut_client_room", _cut_client_room, cut()[1], ("room",)),
     Fault("cut_room_register", *cut("register"), ("room", "register", "center")),
     Fault("cut_saver_redis", *cut("saver-redis"), ("saver", "room", "center")),
+    # beyond the kill list: Redis comes back empty (its disk lost); register's epoch changes, rooms
+    # register their sessions again, the saver rebuilds the inboxes from MySQL
+    Fault("redis_data_lost", _kill_redis_and_lose_data, _restart_empty_redis,
+          ("redis", "register", "saver", "room", "center")),
     Fault("host_crash", _crash_host, _restart_host, ("room", "register", "saver", "center", "redis", "mariadb")),
 ]
 
@@ -255,7 +270,7 @@ def test_fault(env: Env, fault: Fault) -> None:
 
     ok, why = wait_whole(e, READY_S)
     if not ok:
-        rec["repaired_before"] = {"why": why, "did": e.system.repair()}
+        rec["repaired_before"] = {"why": why, "did": e.system.repair(), "clients_replaced": h.revive_closed()}
         ok, why = wait_whole(e, RECOVER_S + 10)
         if not ok:
             e.failed = True
