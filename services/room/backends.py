@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 
@@ -24,8 +26,35 @@ ACK_RETRY_PAUSES_S = (0.25, 1.0, 2.0)
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+class Queue(Protocol):
+    """A batched call: ``submit`` returns at once (or raises ``Overloaded``); ``done(result,
+    error)`` runs when the batch carrying the item is answered."""
+
+    def submit(self, item: Any, done: Callable[[Any, BaseException | None], None] | None = None) -> None: ...
+
+
+class Backends(Protocol):
+    """What a ``RoomInstance`` needs from the rest of the system (the unit tests' fake has the same)."""
+
+    register: Queue       # ipb.Session -> True
+    unregister: Queue     # ipb.Session
+    load_inbox: Queue     # ipb.InboxKey -> ipb.Inbox
+    delivered: Queue      # ipb.MessageRef (one delivery attempt)
+    ack: Queue            # ipb.MessageRef
+    upstream: Queue       # ipb.UpstreamItem -> bool (accepted)
+    status: Queue         # ipb.StatusEvent
+    on_epoch: Callable[[str], None] | None   # told register's epoch from every registration reply
+
+    async def take_session(self, target: str, request: ipb.TakeSessionRequest,
+                           deadline_s: float) -> ipb.TakenSession: ...
+
+    async def register_epoch(self) -> str: ...
+
+
 class RoomBackends:
     def __init__(self, discovery, pool: ChannelPool, cfg: RoomConfig, deadline_s: float) -> None:
+        self.on_epoch: Callable[[str], None] | None = None
+        self.room_client = ServiceClient(discovery, pool, "room", igrpc.RoomStub, deadline_s)
         self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s)
         self.saver_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s)
         self.coordinator_client = ServiceClient(discovery, pool, "coordinator", igrpc.CoordinatorStub, deadline_s)
@@ -48,8 +77,18 @@ class RoomBackends:
         return [self.register, self.load_inbox, self.delivered, self.ack, self.upstream, self.status, self.unregister]
 
     async def _register(self, sessions: list[ipb.Session]) -> list[bool]:
-        await self.register_client.call("Register", ipb.SessionBatch(sessions=sessions))
+        reply = await self.register_client.call("Register", ipb.SessionBatch(sessions=sessions))
+        if self.on_epoch is not None and reply.epoch:
+            self.on_epoch(reply.epoch)
         return [True] * len(sessions)
+
+    async def register_epoch(self) -> str:
+        return (await self.register_client.call("Epoch", ipb.Empty())).epoch
+
+    async def take_session(self, target: str, request: ipb.TakeSessionRequest,
+                           deadline_s: float) -> ipb.TakenSession:
+        # not tried elsewhere: only the instance named in the token holds the session
+        return await self.room_client.call("TakeSession", request, target=target, deadline_s=deadline_s)
 
     async def _unregister(self, sessions: list[ipb.Session]) -> None:
         await self.register_client.call("Unregister", ipb.SessionBatch(sessions=sessions))

@@ -57,7 +57,20 @@ class RoomConfig:
     # with an answer rather than time out (the SDK waits 10 s for AUTH_OK). 0 = never.
     accept_wait_shed_s: float = 5.0
     drain_timeout_s: float = 10.0
+    # A drained instance holds its sessions DETACHED this long after sending RECONNECT, so the
+    # instances its clients move to can take them over (no inbox reload, no attempt counted).
+    drain_handover_s: float = 5.0
     app_refresh_s: float = 5.0
+    # Flash disconnect (DESIGN.md §3): a session whose link dropped is kept this long for a
+    # resume; 0 = a lost link ends the session at once.
+    resume_grace_s: int = 60
+    # A resume_token older than this is refused (a normal login follows); the session itself
+    # is held only for resume_grace_s after its link dropped.
+    resume_token_max_age_s: int = 7 * 86400
+    # Shared by every room instance of a cluster; empty = one random secret kept in Redis.
+    resume_secret: str = ""
+    # How often an instance asks register for its epoch when no registration told it lately.
+    register_check_s: float = 2.0
 
     def validate(self) -> None:
         require(0 <= self.port < 65536, "room.port", "must be a TCP port")
@@ -77,8 +90,14 @@ class RoomConfig:
         require(self.storm_batch_items >= 1, "room.storm_batch_items", "must be >= 1")
         require(self.max_flushes_in_flight >= 1, "room.max_flushes_in_flight", "must be >= 1")
         require(0 <= self.accept_wait_shed_s <= 3600, "room.accept_wait_shed_s", "must be within 0..3600 s (0 = never)")
+        require(0 <= self.resume_grace_s <= 3600, "room.resume_grace_s", "must be within 0..3600 s (0 = no resume)")
+        require(60 <= self.resume_token_max_age_s <= 30 * 86400, "room.resume_token_max_age_s",
+                "must be within 60 s..30 days")
+        require(0 <= self.drain_handover_s <= 300, "room.drain_handover_s", "must be within 0..300 s")
+        require(0.2 <= self.register_check_s <= 60, "room.register_check_s", "must be within 0.2..60 s")
 
     def heartbeat_for(self, net: str) -> int:
+        """Interval for a network type; ``net`` lower-cased by the caller ("WIFI" is wifi)."""
         if net == "wifi" or net == "ethernet":
             return self.heartbeat_wifi_s
         if net == "cellular":

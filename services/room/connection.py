@@ -1,62 +1,34 @@
-"""One client connection: an ``asyncio.Protocol`` that is also the session (one slotted object).
+"""One client connection: an ``asyncio.Protocol`` that only moves bytes.
 
-It only moves bytes: frames are cut by the sans-IO codec and handed to the ``RoomInstance``,
-which holds every rule. No task, timer or future per connection; deadlines live in the
-instance's ``HeartbeatWheel``.
-
-Connection states (the only transitions; anything else is a PROTOCOL_VIOLATION)::
-
-    HANDSHAKE      --AUTH ok, registration queued-->  AUTHENTICATING
-    HANDSHAKE      --bad AUTH / deadline / garbage-->  CLOSED
-    AUTHENTICATING --registered: AUTH_OK sent------>  OPEN
-    AUTHENTICATING --register failed / overloaded-->  CLOSED
-    OPEN           --KICK / idle / slow / drain / error / peer closed-->  CLOSED
+Frames are cut by the sans-IO codec and handed, with the ``Session`` they belong to, to the
+``RoomInstance``, which holds every rule (the session state machine is in ``session.py``). No
+task, timer or future per connection; deadlines live in the instance's ``HeartbeatWheel``.
+A resume may move a session from a new connection's placeholder to the session it resumes, so
+``session`` is reassigned; a connection whose session has moved on is ignored when it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 from typing import TYPE_CHECKING
 
 from services.common.codec import FrameError, split
+from services.room.session import CLOSED, Session
 
 if TYPE_CHECKING:
     from services.room.core import RoomInstance
-
-
-class State(enum.IntEnum):
-    HANDSHAKE = 0
-    AUTHENTICATING = 1
-    OPEN = 2
-    CLOSED = 3
-
-
-HANDSHAKE, AUTHENTICATING, OPEN, CLOSED = State.HANDSHAKE, State.AUTHENTICATING, State.OPEN, State.CLOSED
 
 
 class ClientConnection(asyncio.Protocol):
     # one per process; a class attribute costs no slot per connection
     room: RoomInstance
 
-    __slots__ = (
-        "transport", "buf", "state", "uid", "device_id", "apps", "sid", "net",
-        "heartbeat_s", "deadline", "unacked", "registered", "paused",
-    )
+    __slots__ = ("transport", "buf", "session", "paused")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = b""
-        self.state = HANDSHAKE
-        self.uid = ""
-        self.device_id = ""
-        self.apps: tuple[str, ...] = ()
-        self.sid = 0                 # instance-local session number; session_id = f"{instance}/{sid}"
-        self.net = ""
-        self.heartbeat_s = 0
-        self.deadline = 0            # wheel second after which the connection is closed
-        self.unacked: dict[int, str] | None = None  # msg_id -> app, created on first delivery
-        self.registered = False      # present in register (needs an unregister on close)
+        self.session = Session(self)
         self.paused = False          # write buffer over its limit: the client is not reading
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -64,7 +36,8 @@ class ClientConnection(asyncio.Protocol):
         self.room.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
-        if self.state == CLOSED:
+        session = self.session
+        if session.state == CLOSED or session.conn is not self:
             return
         if self.buf:
             data = self.buf + data
@@ -72,20 +45,21 @@ class ClientConnection(asyncio.Protocol):
         try:
             frames, used = split(data, room.max_frame)
         except FrameError as exc:
-            room.fail(self, exc.code, exc.message)
+            room.fail(session, exc.code, exc.message)
             return
         self.buf = data[used:] if used < len(data) else b""
         for frame in frames:
-            if self.state == CLOSED:
+            session = self.session  # an AUTH that resumed has moved this link to another session
+            if session.state == CLOSED or session.conn is not self:
                 return
-            room.handle(self, frame)
+            room.handle(session, frame)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.room.on_lost(self)
 
     def pause_writing(self) -> None:
         # the write buffer passed its high-water mark: the client is not reading
-        self.room.on_slow(self)
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self.room.on_resume(self)
+        self.paused = False

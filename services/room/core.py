@@ -1,14 +1,17 @@
 """RoomInstance: every rule of the client protocol for one room instance (one process).
 
-Connections hand it frames; it answers, registers sessions, delivers pushes, forwards acks and
-upstream data. All backend I/O goes through batched queues (``RoomBackends``) with plain
-callbacks, so an idle connection owns nothing but its slotted ``ClientConnection``.
+Connections hand it frames with the ``Session`` they belong to; it answers, registers sessions,
+delivers pushes, forwards acks and upstream data, holds dropped sessions for a resume, and hands
+them over to another instance. All backend I/O goes through batched queues (``RoomBackends``,
+typed as ``backends.Backends``) with plain callbacks, so an idle connection owns nothing but its
+slotted ``ClientConnection`` and ``Session``. The session state machine is in ``session.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -20,9 +23,11 @@ from services.common.codec import HEADER, HEADER_SIZE, VERSION, ErrorCode, Frame
 from services.common.pb import client_pb2 as cpb
 from services.common.pb import internal_pb2 as ipb
 from services.room import metrics as m
+from services.room import resume
 from services.room.app_cache import AppCache
 from services.room.config import RoomConfig
-from services.room.connection import AUTHENTICATING, CLOSED, HANDSHAKE, OPEN, ClientConnection
+from services.room.connection import ClientConnection
+from services.room.session import AUTHENTICATING, CLOSED, DETACHED, HANDSHAKE, OPEN, Event, Session
 from services.room.wheel import HeartbeatWheel
 
 log = logging.getLogger(__name__)
@@ -34,6 +39,13 @@ PUSH_FRAME_SLACK = 512
 # not shed the first burst of a storm before it has shown what it can take (one instance does
 # ~100-1,000/s here), nor what queued during a short stall such as a GC pause.
 ACCEPT_RATE_FLOOR = 100.0
+# Take-overs (resume on another instance) in flight at once; past it a resume is a normal login.
+# After an instance dies its clients all come back at once with tokens naming it.
+MAX_TAKES_IN_FLIGHT = 1000
+TAKE_DEADLINE_S = 2.0
+# Sessions registered again per step after a register epoch change (one batch each).
+REREGISTER_CHUNK = 500
+REREGISTER_RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 8.0)
 
 
 ACCEPT_WAIT_SAMPLE = 16  # 1 in this many accepted connections is timed
@@ -54,6 +66,10 @@ def accept_queue_length(sock) -> int:
     return tcpinfo.read(sock, tcpinfo.UNACKED)
 
 
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
 class AuthFailure(Exception):
     def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
@@ -63,19 +79,31 @@ class AuthFailure(Exception):
 
 class RoomInstance:
     def __init__(self, cfg: RoomConfig, instance_id: str, apps: AppCache, backends,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = _wall_ms,
+                 grpc_address: str = "") -> None:
         self.cfg = cfg
         self.id = instance_id
+        self.grpc_address = grpc_address  # where other instances reach this one (resume tokens name it)
         self.apps = apps
         self.backends = backends
         self.max_frame = cfg.max_frame
         self.clock = clock
-        self.connections: set[ClientConnection] = set()
-        self.by_uid: dict[str, ClientConnection | list[ClientConnection]] = {}
-        self.sessions = 0
+        self.wall_ms = wall_ms
+        self.connections: set[ClientConnection] = set()   # open links, any state
+        self.by_uid: dict[str, Session | list[Session]] = {}  # OPEN and DETACHED sessions
+        self.sessions = 0   # OPEN
+        self.detached = 0   # DETACHED
         self.wheel = HeartbeatWheel(int(clock()))
         self.draining = False
-        self._next_sid = 0
+        # Session numbers start from the wall clock in microseconds, so a restarted instance never
+        # hands out a number a token of its previous run still names.
+        self._next_sid = wall_ms() * 1000
+        self.resume_secret = cfg.resume_secret.encode() if cfg.resume_secret else secrets.token_bytes(32)
+        self.register_epoch = ""
+        self._reregister_task: asyncio.Task | None = None
+        self._epoch_task: asyncio.Task | None = None
+        self._epoch_checked_at = clock()
+        self._tasks: set[asyncio.Task] = set()  # take-overs in flight
         self._tick_task: asyncio.Task | None = None
         self.listeners: list = []  # listening sockets, for their accept-queue length
         self.accepted = 0          # connections accepted since start
@@ -94,6 +122,8 @@ class RoomInstance:
             Op.UPSTREAM: self._on_upstream,
         }
         ClientConnection.room = self
+        if backends is not None and hasattr(backends, "on_epoch"):
+            backends.on_epoch = self.on_register_epoch
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -105,7 +135,7 @@ class RoomInstance:
             await asyncio.sleep(1.0)
             ticks += 1
             # each step on its own: a failing check must not stop the wheel, nor the wheel the checks
-            steps = [self._advance_wheel, self.check_accept_queue]
+            steps = [self._advance_wheel, self.check_accept_queue, self.check_register_epoch]
             if not ticks % 10:
                 steps.append(self.check_overdue)
             for step in steps:
@@ -123,8 +153,9 @@ class RoomInstance:
         now = int(self.clock())
         by_state: dict[int, int] = {}
         for conn in self.connections:
-            if conn.state in (HANDSHAKE, AUTHENTICATING) and 0 < conn.deadline < now - 1:
-                by_state[conn.state] = by_state.get(conn.state, 0) + 1
+            s = conn.session
+            if s.state in (HANDSHAKE, AUTHENTICATING) and 0 < s.deadline < now - 1:
+                by_state[s.state] = by_state.get(s.state, 0) + 1
         n = sum(by_state.values())
         m.OVERDUE.set(n)
         if n:
@@ -162,19 +193,38 @@ class RoomInstance:
         m.ACCEPT_QUEUE.set(waiting)
         m.ACCEPT_SHEDDING.set(int(shedding))
 
-    def drain(self, frame: bytes) -> int:
-        """Write ``frame`` (COMMAND RECONNECT) to every connection and close it; returns how many."""
+    def drain(self, frame_for: Callable[[Session], bytes]) -> int:
+        """Write each open session its COMMAND RECONNECT (``frame_for``) and drop its link. Open
+        sessions stay DETACHED so the instances their clients move to can take them over (see
+        ``close_all``); connections still in their handshake are closed. Returns links dropped."""
         conns = list(self.connections)
         for conn in conns:
-            if conn.transport is not None and not conn.transport.is_closing():
-                conn.transport.write(frame)
-            self.close(conn)
+            s = conn.session
+            if s.conn is conn and s.state == OPEN:
+                t = conn.transport
+                if t is not None and not t.is_closing():
+                    t.write(frame_for(s))
+                self.detach(s)
+            else:
+                self.close(s)
+                self._drop_link(conn)
         m.closed_drain.inc(len(conns))
         return len(conns)
 
+    def close_all(self) -> int:
+        """End every session still held (the last step of a drain): unregistered, offline events."""
+        held = list(self.all_sessions())
+        for s in held:
+            self.close(s)
+        for conn in list(self.connections):
+            self.close(conn.session)
+            self._drop_link(conn)
+        return len(held)
+
     async def stop(self) -> None:
-        if self._tick_task:
-            self._tick_task.cancel()
+        for task in (self._tick_task, self._reregister_task, self._epoch_task, *self._tasks):
+            if task is not None:
+                task.cancel()
 
     # ------------------------------------------------------------------ connection events
     def on_connect(self, conn: ClientConnection) -> None:
@@ -184,11 +234,12 @@ class RoomInstance:
             self._time_accept(conn)
         self.connections.add(conn)
         conn.transport.set_write_buffer_limits(high=self.cfg.write_buffer_limit)
+        session = conn.session
         if self.draining:
-            self.fail(conn, ErrorCode.UNAVAILABLE, "instance is draining", retry_after_ms=100)
+            self.fail(session, ErrorCode.UNAVAILABLE, "instance is draining", retry_after_ms=100)
             return
-        conn.deadline = self._deadline(self.cfg.handshake_timeout_s)
-        self.wheel.add(conn)
+        session.deadline = self._deadline(self.cfg.handshake_timeout_s)
+        self.wheel.add(session)
 
     def _time_accept(self, conn: ClientConnection) -> None:
         sock = conn.transport.get_extra_info("socket")
@@ -204,100 +255,141 @@ class RoomInstance:
                 return
 
     def on_lost(self, conn: ClientConnection) -> None:
-        if conn.state != CLOSED:
+        session = conn.session
+        if session.conn is conn and session.state != CLOSED:
             m.closed_by_peer.inc()
-        self.close(conn)
+            if session.state == OPEN:
+                self.detach(session)
+            else:
+                self.close(session)
+        self._drop_link(conn)
 
-    def on_slow(self, conn: ClientConnection) -> None:
-        conn.paused = True
-
-    def on_resume(self, conn: ClientConnection) -> None:
-        conn.paused = False
-
-    def _expire(self, conn: ClientConnection) -> None:
-        if conn.state == HANDSHAKE:
-            self.fail(conn, ErrorCode.HANDSHAKE_TIMEOUT, f"no AUTH within {self.cfg.handshake_timeout_s}s")
-        elif conn.state == AUTHENTICATING:
-            self.fail(conn, ErrorCode.UNAVAILABLE, "session registration timed out", self.cfg.overload_retry_ms)
-        elif conn.state == OPEN:
-            self.fail(conn, ErrorCode.IDLE_TIMEOUT, f"no PING within the {conn.heartbeat_s}s heartbeat")
-
-    def close(self, conn: ClientConnection, abort: bool = False) -> None:
-        """Idempotent. Unregisters the session and tells coordinator it went offline."""
-        if conn.state == CLOSED:
-            return
-        was_open = conn.state == OPEN
-        conn.state = CLOSED
-        conn.deadline = 0
+    def _drop_link(self, conn: ClientConnection, abort: bool = False) -> None:
+        """Forget a link (idempotent) and close its transport."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            m.CONNECTIONS.dec()
         conn.buf = b""
-        self.connections.discard(conn)
-        m.CONNECTIONS.dec()
-        if was_open:
-            self._unindex(conn)
-            self.sessions -= 1
-            m.SESSIONS.dec()
-        if conn.registered:
-            conn.registered = False
-            session = self._session(conn)
-            self._submit(self.backends.unregister, session)
-            if self._wants_status(conn):
-                self._submit(self.backends.status, ipb.StatusEvent(
-                    uid=conn.uid, apps=conn.apps, online=False, session_id=session.session_id,
-                    device_id=conn.device_id, ts_ms=int(time.time() * 1000), instance=self.id))
         t = conn.transport
-        if t is not None:
+        if t is not None and not t.is_closing():
             t.abort() if abort else t.close()
 
+    def _expire(self, session: Session) -> None:
+        state = session.state
+        if state == HANDSHAKE:
+            self.fail(session, ErrorCode.HANDSHAKE_TIMEOUT, f"no AUTH within {self.cfg.handshake_timeout_s}s")
+        elif state == AUTHENTICATING:
+            self.fail(session, ErrorCode.UNAVAILABLE, "session registration timed out", self.cfg.overload_retry_ms)
+        elif state == OPEN:
+            # the link is dead or the client gone: the session waits for a resume like any lost link
+            self.fail(session, ErrorCode.IDLE_TIMEOUT, f"no PING within the {session.heartbeat_s}s heartbeat",
+                      keep_session=True)
+            if session.state == DETACHED:
+                self.wheel.add(session)  # the wheel let go of it to call us: file the grace deadline
+        elif state == DETACHED:
+            m.closed_resume_expired.inc()
+            self.close(session)
+
+    def detach(self, session: Session, abort: bool = False) -> None:
+        """OPEN -> DETACHED: drop the link, keep the session (registered, unacked messages, what
+        arrives meanwhile) for ``resume_grace_s``. Without a grace the session ends."""
+        if self.cfg.resume_grace_s <= 0 or not session.registered or self.draining and not self.cfg.drain_handover_s:
+            self.close(session, abort)
+            return
+        session.move(Event.DETACH)
+        conn, session.conn = session.conn, None
+        if conn is not None:
+            self._drop_link(conn, abort)
+        self.sessions -= 1
+        m.SESSIONS.dec()
+        self.detached += 1
+        m.DETACHED.inc()
+        deadline = self._deadline(self.cfg.resume_grace_s)
+        earlier = deadline < session.deadline
+        session.deadline = deadline
+        if earlier:
+            self.wheel.add(session)
+
+    def close(self, session: Session, abort: bool = False) -> None:
+        """End a session (idempotent): unregistered and an offline event if it was registered."""
+        state = session.state
+        if state == CLOSED:
+            return
+        session.move(Event.CLOSE)
+        session.deadline = 0
+        if state == OPEN:
+            self.sessions -= 1
+            m.SESSIONS.dec()
+        elif state == DETACHED:
+            self.detached -= 1
+            m.DETACHED.dec()
+        if state in (OPEN, DETACHED):
+            self._unindex(session)
+        conn, session.conn = session.conn, None
+        if conn is not None:
+            self._drop_link(conn, abort)
+        if session.registered:
+            session.registered = False
+            self._submit(self.backends.unregister, self._session_pb(session))
+            self._status(session, session.apps, online=False)
+        session.unacked = session.pending = None
+
     # ------------------------------------------------------------------ frames
-    def handle(self, conn: ClientConnection, frame: Frame) -> None:
+    def handle(self, session: Session, frame: Frame) -> None:
         op = frame.op
         m.frames_in[op].inc()
-        state = conn.state
+        state = session.state
         if state == OPEN:
             handler = self._handlers.get(op)
             if handler is None:
-                self.fail(conn, ErrorCode.PROTOCOL_VIOLATION, f"op {Op(op).name} is not allowed here")
+                self.fail(session, ErrorCode.PROTOCOL_VIOLATION, f"op {Op(op).name} is not allowed here")
                 return
             try:
-                handler(conn, frame)
+                handler(session, frame)
             except DecodeError:
-                self.fail(conn, ErrorCode.MALFORMED_FRAME, f"{Op(op).name} body is not a valid protobuf message")
+                self.fail(session, ErrorCode.MALFORMED_FRAME, f"{Op(op).name} body is not a valid protobuf message")
         elif state == HANDSHAKE:
             if op != Op.AUTH:
-                self.fail(conn, ErrorCode.PROTOCOL_VIOLATION, "the first frame must be AUTH")
+                self.fail(session, ErrorCode.PROTOCOL_VIOLATION, "the first frame must be AUTH")
                 return
-            conn.state = AUTHENTICATING  # no second AUTH while this one is in progress
+            session.move(Event.AUTH)  # no second AUTH while this one is in progress
             if self.shedding:  # before any token or protobuf work: the point is to answer cheaply
-                self.fail(conn, ErrorCode.OVERLOADED, "room is busy: too many connections waiting to be accepted",
+                self.fail(session, ErrorCode.OVERLOADED, "room is busy: too many connections waiting to be accepted",
                           self.cfg.overload_retry_ms, seq=frame.seq)
                 return
             try:
                 auth = cpb.Auth.FromString(frame.body)
             except DecodeError:
-                self.fail(conn, ErrorCode.MALFORMED_FRAME, "AUTH body is not a valid protobuf message")
+                self.fail(session, ErrorCode.MALFORMED_FRAME, "AUTH body is not a valid protobuf message")
                 return
-            self._auth(conn, auth, frame.seq, refreshed=False)
+            self._auth(session, auth, frame.seq, refreshed=False)
         else:  # AUTHENTICATING: the client must wait for AUTH_OK
-            self.fail(conn, ErrorCode.PROTOCOL_VIOLATION, f"{Op(op).name} before AUTH_OK")
+            self.fail(session, ErrorCode.PROTOCOL_VIOLATION, f"{Op(op).name} before AUTH_OK")
 
-    def send(self, conn: ClientConnection, op: int, body: bytes = b"", seq: int = 0) -> None:
-        t = conn.transport
+    def send(self, session: Session, op: int, body: bytes = b"", seq: int = 0) -> None:
+        conn = session.conn
+        t = conn.transport if conn is not None else None
         if t is None or t.is_closing():
             return
         t.write(HEADER.pack(HEADER_SIZE + len(body), VERSION, op, 0, seq) + body)
         m.frames_out[op].inc()
 
-    def fail(self, conn: ClientConnection, code: ErrorCode, message: str, retry_after_ms: int = 0,
-             fatal: bool = True, seq: int = 0) -> None:
-        if conn.state == CLOSED:
+    def fail(self, session: Session, code: ErrorCode, message: str, retry_after_ms: int = 0,
+             fatal: bool = True, seq: int = 0, keep_session: bool = False) -> None:
+        """ERROR frame; a fatal one ends the link, and the session too unless ``keep_session``
+        (then an open session waits DETACHED for a resume)."""
+        if session.state == CLOSED:
             return
         body = cpb.Error(code=code, message=message, fatal=fatal, retry_after_ms=retry_after_ms).SerializeToString()
-        self.send(conn, Op.ERROR, body, seq)
+        self.send(session, Op.ERROR, body, seq)
         if fatal:
             m.closed[code].inc()
-            if conn.state in (HANDSHAKE, AUTHENTICATING):
+            if session.state in (HANDSHAKE, AUTHENTICATING):
                 m.auth_result[code].inc()
-            self.close(conn)
+            if keep_session and session.state == OPEN:
+                self.detach(session)
+            else:
+                self.close(session)
 
     # ------------------------------------------------------------------ AUTH
     def _verify_apps(self, uid: str, token_by_app: dict[str, tokens.ParsedToken],
@@ -341,25 +433,25 @@ class RoomInstance:
                 raise AuthFailure(ErrorCode.BAD_TOKEN, str(exc)) from None
         return out
 
-    def _after_app_refresh(self, conn: ClientConnection, app_ids: list[str], retry: Callable[[], None],
+    def _after_app_refresh(self, session: Session, app_ids: list[str], retry: Callable[[], None],
                            refreshed: bool) -> bool:
         """True if the caller may go on now; else ``retry`` runs after one app-table refresh."""
         if refreshed or all(a in self.apps.apps for a in app_ids):
             return True
 
-        def resume(ok: bool) -> None:
-            if conn.state == CLOSED:
+        def resume_after(ok: bool) -> None:
+            if session.state == CLOSED:
                 return
             if not ok:
-                self.fail(conn, ErrorCode.UNAVAILABLE, "app directory unavailable", self.cfg.overload_retry_ms)
+                self.fail(session, ErrorCode.UNAVAILABLE, "app directory unavailable", self.cfg.overload_retry_ms)
                 return
             retry()
 
-        if not self.apps.wait_refresh(resume):
-            self.fail(conn, ErrorCode.OVERLOADED, "too many handshakes waiting", self.cfg.overload_retry_ms)
+        if not self.apps.wait_refresh(resume_after):
+            self.fail(session, ErrorCode.OVERLOADED, "too many handshakes waiting", self.cfg.overload_retry_ms)
         return False
 
-    def _auth(self, conn: ClientConnection, auth: cpb.Auth, seq: int, refreshed: bool) -> None:
+    def _auth(self, session: Session, auth: cpb.Auth, seq: int, refreshed: bool) -> None:
         cfg = self.cfg
         try:
             if not auth.token:
@@ -369,7 +461,7 @@ class RoomInstance:
             wanted = list(dict.fromkeys([primary, *auth.apps]))
             if len(wanted) > cfg.max_apps_per_session:
                 raise AuthFailure(ErrorCode.TOO_MANY_ITEMS, f"at most {cfg.max_apps_per_session} apps per connection")
-            if not self._after_app_refresh(conn, wanted, lambda: self._auth(conn, auth, seq, True), refreshed):
+            if not self._after_app_refresh(session, wanted, lambda: self._auth(session, auth, seq, True), refreshed):
                 return
             uid = auth.uid
             if not uid:
@@ -379,78 +471,124 @@ class RoomInstance:
                 raise AuthFailure(ErrorCode.UID_MISMATCH, f"uid must be 1..{cfg.max_uid_len} characters")
             bound = self._verify_apps(uid, token_by_app, wanted)
         except AuthFailure as exc:
-            conn.state = HANDSHAKE  # so fail() counts it as an auth failure
-            self.fail(conn, exc.code, exc.message, seq=seq)
+            self.fail(session, exc.code, exc.message, seq=seq)
             return
         except tokens.TokenError as exc:
-            self.fail(conn, ErrorCode.BAD_TOKEN, str(exc), seq=seq)
+            self.fail(session, ErrorCode.BAD_TOKEN, str(exc), seq=seq)
             return
 
-        conn.uid = uid
-        conn.device_id = auth.device_id[:128]
-        conn.apps = bound
-        net = auth.net[:16]
-        conn.net = self._nets.setdefault(net, net) if len(self._nets) < 64 else net
-        hb = cfg.heartbeat_for(conn.net)
+        session.uid = uid
+        session.device_id = auth.device_id[:128]
+        session.apps = bound
+        net = auth.net[:16].lower()
+        session.net = self._nets.setdefault(net, net) if len(self._nets) < 64 else net
+        hb = cfg.heartbeat_for(session.net)
         if auth.heartbeat_hint_s:
             hb = cfg.clamp_heartbeat(auth.heartbeat_hint_s)
-        conn.heartbeat_s = hb
+        session.heartbeat_s = hb
+        session.connected_ms = self.wall_ms()
+        if auth.resume_token and cfg.resume_grace_s > 0 and self._resume(session, auth.resume_token, seq):
+            return
+        self._register(session, seq)
+
+    def _register(self, session: Session, seq: int, taken_from: ipb.Session | None = None) -> None:
         self._next_sid += 1
-        conn.sid = self._next_sid
+        session.sid = self._next_sid
         try:
-            self.backends.register.submit(self._session(conn), lambda _r, err: self._registered(conn, seq, err))
+            self.backends.register.submit(self._session_pb(session),
+                                          lambda _r, err: self._registered(session, seq, err, taken_from))
         except Overloaded:
-            self.fail(conn, ErrorCode.OVERLOADED, "room is overloaded, retry later", self.cfg.overload_retry_ms, seq=seq)
+            self.fail(session, ErrorCode.OVERLOADED, "room is overloaded, retry later", self.cfg.overload_retry_ms,
+                      seq=seq)
 
-    def _session(self, conn: ClientConnection) -> ipb.Session:
-        return ipb.Session(uid=conn.uid, session_id=f"{self.id}/{conn.sid}", instance=self.id, apps=conn.apps,
-                           device_id=conn.device_id, connected_ms=0, net=conn.net)
+    def session_id(self, session: Session) -> str:
+        return f"{self.id}/{session.sid}"
 
-    def _registered(self, conn: ClientConnection, seq: int, err: BaseException | None) -> None:
-        if err is not None:
+    def _session_pb(self, session: Session) -> ipb.Session:
+        return ipb.Session(uid=session.uid, session_id=f"{self.id}/{session.sid}", instance=self.id,
+                           apps=session.apps, device_id=session.device_id, connected_ms=session.connected_ms,
+                           net=session.net)
+
+    def _registered(self, session: Session, seq: int, err: BaseException | None,
+                    taken_from: ipb.Session | None = None) -> None:
+        if err is not None or session.state != AUTHENTICATING:
             # The call failed on our side (deadline, connection) but register may still have written
-            # the session: take it back out. Unregister only removes it while this instance owns it.
-            self._submit(self.backends.unregister, self._session(conn))
-            if conn.state == AUTHENTICATING:
-                self.fail(conn, ErrorCode.UNAVAILABLE, "session store unavailable, retry later",
+            # the session, or it closed while registering: take it back out. Unregister only removes
+            # it while this instance owns it.
+            self._submit(self.backends.unregister, self._session_pb(session))
+            if taken_from is not None:  # the session we took is gone with it
+                self._submit(self.backends.unregister, taken_from)
+                self._status_pb(taken_from, online=False)
+            if err is not None and session.state == AUTHENTICATING:
+                self.fail(session, ErrorCode.UNAVAILABLE, "session store unavailable, retry later",
                           self.cfg.overload_retry_ms, seq=seq)
             return
-        if conn.state != AUTHENTICATING:
-            # closed while registering: take the session back out
-            self._submit(self.backends.unregister, self._session(conn))
-            return
-        conn.registered = True
-        conn.state = OPEN
-        self._index(conn)
+        session.registered = True
+        session.move(Event.REGISTERED)
+        self._index(session)
         self.sessions += 1
         m.SESSIONS.inc()
         m.auth_ok.inc()
-        self._arm(conn)
-        session_id = f"{self.id}/{conn.sid}"
-        self.send(conn, Op.AUTH_OK, cpb.AuthOk(
-            session_id=session_id, resume_token=session_id, heartbeat_s=conn.heartbeat_s,
-            server_time_ms=int(time.time() * 1000), max_frame=self.max_frame, apps=conn.apps).SerializeToString(), seq)
-        if self._wants_status(conn):
-            self._submit(self.backends.status, ipb.StatusEvent(
-                uid=conn.uid, apps=conn.apps, online=True, session_id=session_id, device_id=conn.device_id,
-                ts_ms=int(time.time() * 1000), instance=self.id))
-        self._load_inbox(conn, conn.apps)
+        self._arm(session)
+        if session.device_id:
+            self._replace_duplicates(session)
+        self._send_auth_ok(session, seq, resumed=taken_from is not None)
+        if taken_from is not None:
+            # presence stayed online: the old entry goes only now that the new one is in
+            self._submit(self.backends.unregister, taken_from)
+            m.RESUMES.labels("taken").inc()
+            self._rewrite_unacked(session)
+            # what reached the old instance between the take-over and this registration is only in
+            # the inbox: read it once (what the session already holds is skipped, not counted)
+            self._load_inbox(session, session.apps)
+            return
+        self._status(session, session.apps, online=True)
+        self._load_inbox(session, session.apps)
 
-    def _wants_status(self, conn: ClientConnection) -> bool:
+    def _send_auth_ok(self, session: Session, seq: int, resumed: bool) -> None:
+        token = resume.mint(self.resume_secret, self.id, self.grpc_address, session.sid, session.uid,
+                            self.wall_ms() // 1000)
+        self.send(session, Op.AUTH_OK, cpb.AuthOk(
+            session_id=self.session_id(session), resume_token=token, heartbeat_s=session.heartbeat_s,
+            server_time_ms=self.wall_ms(), max_frame=self.max_frame, apps=session.apps,
+            resumed=resumed).SerializeToString(), seq)
+
+    def _replace_duplicates(self, session: Session) -> None:
+        """DESIGN.md §3: a new session of the same (uid, device_id) replaces the old one."""
+        for other in self.sessions_of(session.uid):
+            if other is not session and other.device_id == session.device_id:
+                self.send(other, Op.KICK, cpb.Kick(reason="replaced").SerializeToString())
+                m.REPLACED.inc()
+                m.closed_replaced.inc()
+                self.close(other)
+
+    def _wants_status(self, apps: Iterable[str]) -> bool:
         """Only apps that subscribed get online/offline events: skip the RPC for the rest."""
-        for app_id in conn.apps:
+        for app_id in apps:
             app = self.apps.get(app_id)
             if app is not None and app.status_events:
                 return True
         return False
 
-    def _load_inbox(self, conn: ClientConnection, apps: Iterable[str]) -> None:
+    def _status(self, session: Session, apps: tuple[str, ...], online: bool) -> None:
+        if apps and self._wants_status(apps):
+            self._submit(self.backends.status, ipb.StatusEvent(
+                uid=session.uid, apps=apps, online=online, session_id=self.session_id(session),
+                device_id=session.device_id, ts_ms=self.wall_ms(), instance=self.id))
+
+    def _status_pb(self, s: ipb.Session, online: bool) -> None:
+        if self._wants_status(s.apps):
+            self._submit(self.backends.status, ipb.StatusEvent(
+                uid=s.uid, apps=s.apps, online=online, session_id=s.session_id, device_id=s.device_id,
+                ts_ms=self.wall_ms(), instance=s.instance))
+
+    def _load_inbox(self, session: Session, apps: Iterable[str]) -> None:
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
-            if err is None and inbox is not None and inbox.messages and conn.state == OPEN:
-                self.deliver(conn, inbox.messages)
+            if err is None and inbox is not None and inbox.messages and session.state in (OPEN, DETACHED):
+                self.deliver(session, inbox.messages)
             # on error the messages stay stored: the next push or connect delivers them
 
-        self._submit(self.backends.load_inbox, ipb.InboxKey(uid=conn.uid, apps=apps), loaded)
+        self._submit(self.backends.load_inbox, ipb.InboxKey(uid=session.uid, apps=apps), loaded)
 
     def _submit(self, batcher, item, done=None) -> bool:
         try:
@@ -459,33 +597,253 @@ class RoomInstance:
         except Overloaded:
             return False
 
+    # ------------------------------------------------------------------ resume
+    def _resume(self, session: Session, token: str, seq: int) -> bool:
+        """True if the AUTH resumes a held session (here, or taken over from another instance);
+        False: a normal login follows (the token was forged, expired, or its session is gone)."""
+        claim = resume.verify(self.resume_secret, token, session.uid, self.wall_ms() // 1000,
+                              self.cfg.resume_token_max_age_s)
+        if claim is None:
+            m.RESUMES.labels("invalid").inc()
+            return False
+        if claim.instance == self.id:
+            old = self.find_session(session.uid, claim.sid)
+            if old is not None and old.state == OPEN:
+                # its old link still looks open (half-open, or the client opened another): drop it
+                self.detach(old, abort=True)
+            if old is None or old.state != DETACHED:
+                m.RESUMES.labels("not_found").inc()
+                return False
+            self._resume_here(session, old, seq)
+            return True
+        if not claim.grpc or len(self._tasks) >= MAX_TAKES_IN_FLIGHT:
+            m.RESUMES.labels("not_found").inc()
+            return False
+        request = ipb.TakeSessionRequest(session_id=f"{claim.instance}/{claim.sid}", uid=session.uid,
+                                         to_instance=self.id)
+        task = asyncio.get_running_loop().create_task(self._take(session, claim, request, seq))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _take(self, session: Session, claim: resume.ResumeClaim, request: ipb.TakeSessionRequest,
+                    seq: int) -> None:
+        try:
+            taken = await self.backends.take_session(claim.grpc, request, TAKE_DEADLINE_S)
+        except Exception as exc:  # the old instance is gone or unreachable: a normal login
+            log.debug("take-over of %s from %s failed: %s", request.session_id, claim.grpc, exc)
+            taken = None
+        old = ipb.Session(uid=session.uid, session_id=request.session_id, instance=claim.instance,
+                          apps=taken.apps if taken is not None else (), device_id=session.device_id)
+        if session.state != AUTHENTICATING:
+            if taken is not None and taken.found:  # the client left meanwhile: the session ends here
+                self._submit(self.backends.unregister, old)
+                self._status_pb(old, online=False)
+            return
+        if taken is None or not taken.found:
+            m.RESUMES.labels("not_found").inc()
+            self._register(session, seq)
+            return
+        apps = session.apps
+        if taken.unacked:
+            session.unacked = {msg.msg_id: msg for msg in taken.unacked if msg.app in apps}
+        if taken.pending:
+            session.pending = [msg for msg in taken.pending if msg.app in apps]
+        if taken.connected_ms:
+            session.connected_ms = taken.connected_ms
+        self._register(session, seq, taken_from=old)
+
+    def _resume_here(self, session: Session, old: Session, seq: int) -> None:
+        """Attach the new link to the session it resumes on this instance: no registration, no
+        storage reload, the unacked messages written again without counting another attempt."""
+        conn = session.conn
+        session.move(Event.CLOSE)  # the placeholder made at connect ends silently: never registered
+        session.conn, session.deadline = None, 0
+        old.move(Event.ATTACH)
+        old.conn = conn
+        conn.session = old
+        self.detached -= 1
+        m.DETACHED.dec()
+        self.sessions += 1
+        m.SESSIONS.inc()
+        old.heartbeat_s, old.net, old.device_id = session.heartbeat_s, session.net, session.device_id
+        self._arm(old)
+        added = tuple(a for a in session.apps if a not in old.apps)
+        dropped = tuple(a for a in old.apps if a not in session.apps)
+        if added or dropped:
+            self._drop_messages(old, set(dropped))
+            old.apps = session.apps
+            self._submit(self.backends.register, self._session_pb(old))
+            self._status(old, added, online=True)
+            self._status(old, dropped, online=False)
+        m.RESUMES.labels("same_instance").inc()
+        m.auth_ok.inc()
+        self._send_auth_ok(old, seq, resumed=True)
+        self._rewrite_unacked(old)
+        if added:
+            self._load_inbox(old, added)
+
+    def _rewrite_unacked(self, session: Session) -> None:
+        """After a resume: the unacked messages again (no attempt counted), then what arrived
+        while the session was detached (counted, as any first delivery)."""
+        if session.unacked:
+            self._write_messages(session, list(session.unacked.values()))
+        pending, session.pending = session.pending, None
+        if pending:
+            self.deliver(session, pending)
+
+    def take_session(self, request: ipb.TakeSessionRequest) -> ipb.TakenSession:
+        """Room.TakeSession: hand a session over to the instance its client resumed on. The old
+        link (if any) is dropped, no offline event is sent, and the session is not unregistered
+        here: the new instance replaces the register entry once its own is written."""
+        instance, _, sid = request.session_id.rpartition("/")
+        if instance != self.id or not sid.isdigit():
+            return ipb.TakenSession(found=False)
+        session = self.find_session(request.uid, int(sid))
+        if session is None:
+            return ipb.TakenSession(found=False)
+        taken = ipb.TakenSession(found=True, apps=session.apps, unacked=list((session.unacked or {}).values()),
+                                 pending=session.pending or (), connected_ms=session.connected_ms,
+                                 device_id=session.device_id)
+        session.registered = False
+        m.TAKEN.inc()
+        m.closed_taken.inc()
+        self.close(session, abort=True)
+        return taken
+
+    def find_session(self, uid: str, sid: int) -> Session | None:
+        for s in self.sessions_of(uid):
+            if s.sid == sid:
+                return s
+        return None
+
+    # ------------------------------------------------------------------ register epoch
+    def on_register_epoch(self, epoch: str) -> None:
+        """Register names the generation of its data in every reply. A new one means it lost
+        what it had (FLUSHALL, a Redis restarted empty): register every session again, then
+        read their inboxes (pushes in between found nobody online and only stored)."""
+        if not epoch or epoch == self.register_epoch:
+            return
+        previous, self.register_epoch = self.register_epoch, epoch
+        self._epoch_checked_at = self.clock()
+        if not previous:
+            return
+        log.warning("register epoch changed (%s -> %s): its session data was lost; registering %d sessions again",
+                    previous, epoch, self.sessions + self.detached)
+        m.EPOCHS.inc()
+        if self._reregister_task is not None:
+            self._reregister_task.cancel()
+        self._reregister_task = asyncio.get_running_loop().create_task(self._reregister_all())
+
+    def check_register_epoch(self) -> None:
+        """Once every ``register_check_s`` with no registration reply in between, ask register."""
+        now = self.clock()
+        if now - self._epoch_checked_at < self.cfg.register_check_s or self._epoch_task is not None:
+            return
+        if not hasattr(self.backends, "register_epoch"):
+            return
+        self._epoch_checked_at = now
+
+        async def check() -> None:
+            try:
+                self.on_register_epoch(await self.backends.register_epoch())
+            except Exception as exc:
+                log.debug("register epoch check failed: %s", exc)
+            finally:
+                self._epoch_task = None
+
+        self._epoch_task = asyncio.get_running_loop().create_task(check())
+
+    async def _reregister_all(self) -> None:
+        sessions = [s for s in self.all_sessions() if s.registered]
+        for i in range(0, len(sessions), REREGISTER_CHUNK):
+            for pause in REREGISTER_RETRY_PAUSES_S:
+                chunk = [s for s in sessions[i:i + REREGISTER_CHUNK] if s.registered]
+                failed = await self._submit_all(self.backends.register, [self._session_pb(s) for s in chunk], None)
+                if not failed:
+                    m.REREGISTERED.inc(len(chunk))
+                    break
+                log.warning("registering %d sessions again failed (%d errors); next try in %.0fs",
+                            len(chunk), failed, pause)
+                await asyncio.sleep(pause)
+        for i in range(0, len(sessions), REREGISTER_CHUNK):
+            chunk = [s for s in sessions[i:i + REREGISTER_CHUNK] if s.state in (OPEN, DETACHED)]
+            await self._submit_all(self.backends.load_inbox, [ipb.InboxKey(uid=s.uid, apps=s.apps) for s in chunk],
+                                   [self._loaded_for(s) for s in chunk])
+        log.info("registered %d sessions again after the register epoch change", len(sessions))
+        self._reregister_task = None
+
+    def _loaded_for(self, session: Session) -> Callable:
+        def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
+            if err is None and inbox is not None and inbox.messages and session.state in (OPEN, DETACHED):
+                self.deliver(session, inbox.messages)
+        return loaded
+
+    async def _submit_all(self, queue, items: list, dones: list | None) -> int:
+        """Queue ``items`` and wait until all are answered, waiting out a full queue; returns
+        how many failed."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        left = len(items)
+        failed = 0
+        if not left:
+            return 0
+
+        def finished(done):
+            def cb(result, err):
+                nonlocal left, failed
+                if done is not None:
+                    done(result, err)
+                failed += err is not None
+                left -= 1
+                if not left and not fut.done():
+                    fut.set_result(None)
+            return cb
+
+        for i, item in enumerate(items):
+            while True:
+                try:
+                    queue.submit(item, finished(dones[i] if dones else None))
+                    break
+                except Overloaded:
+                    await asyncio.sleep(0.1)
+        await fut
+        return failed
+
     # ------------------------------------------------------------------ index
-    def _index(self, conn: ClientConnection) -> None:
-        cur = self.by_uid.get(conn.uid)
+    def _index(self, session: Session) -> None:
+        cur = self.by_uid.get(session.uid)
         if cur is None:
-            self.by_uid[conn.uid] = conn
+            self.by_uid[session.uid] = session
         elif isinstance(cur, list):
-            cur.append(conn)
+            cur.append(session)
         else:
-            self.by_uid[conn.uid] = [cur, conn]
+            self.by_uid[session.uid] = [cur, session]
 
-    def _unindex(self, conn: ClientConnection) -> None:
-        cur = self.by_uid.get(conn.uid)
-        if cur is conn:
-            del self.by_uid[conn.uid]
+    def _unindex(self, session: Session) -> None:
+        cur = self.by_uid.get(session.uid)
+        if cur is session:
+            del self.by_uid[session.uid]
         elif isinstance(cur, list):
-            if conn in cur:
-                cur.remove(conn)
+            if session in cur:
+                cur.remove(session)
             if len(cur) == 1:
-                self.by_uid[conn.uid] = cur[0]
+                self.by_uid[session.uid] = cur[0]
             elif not cur:
-                del self.by_uid[conn.uid]
+                del self.by_uid[session.uid]
 
-    def conns_of(self, uid: str) -> list[ClientConnection]:
+    def sessions_of(self, uid: str) -> list[Session]:
         cur = self.by_uid.get(uid)
         if cur is None:
             return []
-        return cur if isinstance(cur, list) else [cur]
+        return list(cur) if isinstance(cur, list) else [cur]
+
+    def all_sessions(self) -> Iterable[Session]:
+        for cur in list(self.by_uid.values()):
+            if isinstance(cur, list):
+                yield from list(cur)
+            else:
+                yield cur
 
     # ------------------------------------------------------------------ heartbeat
     def _deadline(self, seconds: float) -> int:
@@ -493,73 +851,102 @@ class RoomInstance:
         wheel expires a deadline when its second begins, so round up: never early, at most 1 s late."""
         return int(self.clock() + seconds) + 1
 
-    def _silence_deadline(self, conn: ClientConnection) -> int:
-        return self._deadline(conn.heartbeat_s * 1.5 + self.cfg.heartbeat_grace_s)
+    def _silence_deadline(self, session: Session) -> int:
+        return self._deadline(session.heartbeat_s * 1.5 + self.cfg.heartbeat_grace_s)
 
-    def _arm(self, conn: ClientConnection) -> None:
-        """Switch from the handshake deadline to the heartbeat deadline. The connection is already
-        on the wheel; only a deadline earlier than its bucket needs a second entry there."""
-        deadline = self._silence_deadline(conn)
-        earlier = deadline < conn.deadline
-        conn.deadline = deadline
+    def _arm(self, session: Session) -> None:
+        """Switch to the heartbeat deadline. The session is already on the wheel; only a deadline
+        earlier than its bucket needs a second entry there."""
+        deadline = self._silence_deadline(session)
+        earlier = deadline < session.deadline
+        session.deadline = deadline
         if earlier:
-            self.wheel.add(conn)
+            self.wheel.add(session)
 
-    def _on_ping(self, conn: ClientConnection, frame: Frame) -> None:
+    def _on_ping(self, session: Session, frame: Frame) -> None:
         if frame.body:
             proposed = cpb.Ping.FromString(frame.body).propose_heartbeat_s
             if proposed:
-                conn.heartbeat_s = self.cfg.clamp_heartbeat(proposed)
-        # a later deadline; the wheel re-files the connection when its old bucket comes due
-        conn.deadline = self._silence_deadline(conn)
-        body = self._pong_bodies.get(conn.heartbeat_s)
+                session.heartbeat_s = self.cfg.clamp_heartbeat(proposed)
+        # a later deadline; the wheel re-files the session when its old bucket comes due
+        session.deadline = self._silence_deadline(session)
+        body = self._pong_bodies.get(session.heartbeat_s)
         if body is None:
-            body = self._pong_bodies[conn.heartbeat_s] = cpb.Pong(heartbeat_s=conn.heartbeat_s).SerializeToString()
-        self.send(conn, Op.PONG, body, frame.seq)
+            body = self._pong_bodies[session.heartbeat_s] = cpb.Pong(heartbeat_s=session.heartbeat_s).SerializeToString()
+        self.send(session, Op.PONG, body, frame.seq)
 
     # ------------------------------------------------------------------ delivery
-    def deliver(self, conn: ClientConnection, messages: Iterable[ipb.StoredMessage]) -> int:
-        """Write unicast messages for bound apps; remember them until acked. Returns messages written."""
-        if conn.state != OPEN:
+    def deliver(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> int:
+        """Write unicast messages for bound apps; remember them until acked. A detached session
+        keeps them for its resume (not written, no attempt counted). Returns messages written."""
+        state = session.state
+        if state == DETACHED:
+            self._hold(session, messages)
             return 0
-        if conn.paused:
-            # it stopped reading and we have more for it: close; the messages stay stored
+        if state != OPEN:
+            return 0
+        if session.conn.paused:
+            # it stopped reading and we have more for it: drop the link; the session waits for a
+            # resume with what it has not acked (all of it stays stored)
             m.closed[ErrorCode.SLOW_CONSUMER].inc()
-            self.close(conn, abort=True)
+            self.detach(session, abort=True)
+            if session.state == DETACHED:
+                self._hold(session, messages)
             return 0
-        unacked = conn.unacked
+        unacked = session.unacked
         if unacked is None:
-            unacked = conn.unacked = {}
+            unacked = session.unacked = {}
         limit = self.cfg.max_unacked_per_session
-        apps = conn.apps
-        batch: list[cpb.Message] = []
-        refs: list[ipb.MessageRef] = []
-        size = 0
-        budget = self.max_frame - HEADER_SIZE - PUSH_FRAME_SLACK
-        written = 0
+        apps = session.apps
+        fresh: list[ipb.StoredMessage] = []
         for msg in messages:
             if msg.app not in apps or msg.msg_id in unacked:
-                continue  # not for this connection, or already written to it and not yet acked
+                continue  # not for this session, or already written to it and not yet acked
             if len(unacked) >= limit:
                 break  # the rest stays in the inbox until the client acks
+            unacked[msg.msg_id] = msg
+            fresh.append(msg)
+        if not fresh:
+            return 0
+        self._write_messages(session, fresh)
+        uid = session.uid
+        for msg in fresh:
+            self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
+        m.unicast_out.inc(len(fresh))
+        return len(fresh)
+
+    def _hold(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> None:
+        pending = session.pending
+        if pending is None:
+            pending = session.pending = []
+        held = {msg.msg_id for msg in pending}
+        if session.unacked:
+            held.update(session.unacked)
+        room_left = self.cfg.max_unacked_per_session - len(held)
+        for msg in messages:
+            if room_left <= 0:
+                break  # the rest stays in the inbox
+            if msg.app in session.apps and msg.msg_id not in held:
+                pending.append(msg)
+                held.add(msg.msg_id)
+                room_left -= 1
+
+    def _write_messages(self, session: Session, messages: list[ipb.StoredMessage]) -> None:
+        """PUSH frames, as few as fit under max_frame, for ``messages`` (no bookkeeping)."""
+        batch: list[cpb.Message] = []
+        size = 0
+        budget = self.max_frame - HEADER_SIZE - PUSH_FRAME_SLACK
+        for msg in messages:
             item = cpb.Message(msg_id=msg.msg_id, app=msg.app, payload=msg.payload, created_ms=msg.created_ms,
                                seq=msg.seq)
             item_size = item.ByteSize() + 8
             if batch and size + item_size > budget:
-                self.send(conn, Op.PUSH, cpb.Push(messages=batch).SerializeToString())
+                self.send(session, Op.PUSH, cpb.Push(messages=batch).SerializeToString())
                 batch, size = [], 0
             batch.append(item)
             size += item_size
-            unacked[msg.msg_id] = msg.app
-            refs.append(ipb.MessageRef(uid=conn.uid, app=msg.app, msg_id=msg.msg_id))
-            written += 1
         if batch:
-            self.send(conn, Op.PUSH, cpb.Push(messages=batch).SerializeToString())
-        for ref in refs:
-            self._submit(self.backends.delivered, ref)
-        if written:
-            m.unicast_out.inc(written)
-        return written
+            self.send(session, Op.PUSH, cpb.Push(messages=batch).SerializeToString())
 
     def push(self, messages: Iterable[ipb.StoredMessage]) -> int:
         """Messages from center for sessions on this instance (gRPC Room.Push)."""
@@ -569,8 +956,8 @@ class RoomInstance:
                 by_uid.setdefault(msg.uid, []).append(msg)
         delivered = 0
         for uid, msgs in by_uid.items():
-            for conn in self.conns_of(uid):
-                delivered += self.deliver(conn, msgs)
+            for session in self.sessions_of(uid):
+                delivered += self.deliver(session, msgs)
         return delivered
 
     def broadcast(self, message: ipb.StoredMessage) -> int:
@@ -581,10 +968,11 @@ class RoomInstance:
         app = message.app
         n = 0
         for conn in list(self.connections):
-            if conn.state == OPEN and app in conn.apps:
+            session = conn.session
+            if session.state == OPEN and session.conn is conn and app in session.apps:
                 if conn.paused:
                     m.closed[ErrorCode.SLOW_CONSUMER].inc()
-                    self.close(conn, abort=True)
+                    self.detach(session, abort=True)
                     continue
                 conn.transport.write(frame)
                 n += 1
@@ -595,95 +983,110 @@ class RoomInstance:
 
     def kick(self, uids: Iterable[str], session_ids: Iterable[str], reason: str, app: str = "") -> int:
         wanted = set(session_ids)
-        targets: list[ClientConnection] = []
         uid_list = list(uids)
         if uid_list:
-            for uid in uid_list:
-                targets.extend(self.conns_of(uid))
+            targets = [s for uid in uid_list for s in self.sessions_of(uid)]
         elif wanted:
-            targets = [c for c in self.connections if c.state == OPEN]
+            targets = list(self.all_sessions())
+        else:
+            targets = []
         n = 0
         body = cpb.Kick(reason=reason).SerializeToString()
-        for conn in targets:
-            if wanted and f"{self.id}/{conn.sid}" not in wanted:
+        for session in targets:
+            if wanted and self.session_id(session) not in wanted:
                 continue
-            if app and app not in conn.apps:
+            if app and app not in session.apps:
                 continue
-            self.send(conn, Op.KICK, body)
+            self.send(session, Op.KICK, body)
             m.closed_kick.inc()
-            self.close(conn)
+            self.close(session)
             n += 1
         return n
 
     # ------------------------------------------------------------------ acks, bind, upstream
-    def _on_ack(self, conn: ClientConnection, frame: Frame) -> None:
+    def _on_ack(self, session: Session, frame: Frame) -> None:
         ids = cpb.Ack.FromString(frame.body).msg_ids
         if len(ids) > MAX_IDS_PER_ACK:
-            self.fail(conn, ErrorCode.TOO_MANY_ITEMS, f"at most {MAX_IDS_PER_ACK} ids per ACK", fatal=False,
+            self.fail(session, ErrorCode.TOO_MANY_ITEMS, f"at most {MAX_IDS_PER_ACK} ids per ACK", fatal=False,
                       seq=frame.seq)
             return
-        unacked = conn.unacked
+        unacked = session.unacked
         if not unacked:
             return
         n = 0
+        uid = session.uid
         for msg_id in ids:
-            app = unacked.pop(msg_id, None)
-            if app is not None:  # broadcasts and unknown ids need no storage ack
-                self._submit(self.backends.ack, ipb.MessageRef(uid=conn.uid, app=app, msg_id=msg_id))
+            msg = unacked.pop(msg_id, None)
+            if msg is not None:  # broadcasts and unknown ids need no storage ack
+                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg_id))
                 n += 1
         if n:
             m.ACKS.inc(n)
 
-    def _on_bind(self, conn: ClientConnection, frame: Frame) -> None:
+    def _on_bind(self, session: Session, frame: Frame) -> None:
         req = cpb.Bind.FromString(frame.body)
-        self._bind(conn, list(req.apps), list(req.tokens), frame.seq, refreshed=False)
+        self._bind(session, list(req.apps), list(req.tokens), frame.seq, refreshed=False)
 
-    def _bind(self, conn: ClientConnection, apps: list[str], token_list: list[str], seq: int, refreshed: bool) -> None:
-        new = [a for a in dict.fromkeys(apps) if a not in conn.apps]
+    def _bind(self, session: Session, apps: list[str], token_list: list[str], seq: int, refreshed: bool) -> None:
+        new = [a for a in dict.fromkeys(apps) if a not in session.apps]
         try:
-            if len(conn.apps) + len(new) > self.cfg.max_apps_per_session:
+            if len(session.apps) + len(new) > self.cfg.max_apps_per_session:
                 raise AuthFailure(ErrorCode.TOO_MANY_ITEMS, f"at most {self.cfg.max_apps_per_session} apps per connection")
-            if not self._after_app_refresh(conn, new, lambda: self._bind(conn, apps, token_list, seq, True), refreshed):
+            if not self._after_app_refresh(session, new, lambda: self._bind(session, apps, token_list, seq, True),
+                                           refreshed):
                 return
-            bound = self._verify_apps(conn.uid, self._tokens_by_app(token_list), new)
+            bound = self._verify_apps(session.uid, self._tokens_by_app(token_list), new)
         except AuthFailure as exc:
-            self.fail(conn, exc.code, exc.message, fatal=False, seq=seq)
+            self.fail(session, exc.code, exc.message, fatal=False, seq=seq)
             return
-        if conn.state != OPEN:
+        if session.state != OPEN:
             return
-        conn.apps = self._canonical_apps(conn.apps + bound)
-        self._rebound(conn, seq)
+        bound = tuple(a for a in bound if a not in session.apps)
+        session.apps = self._canonical_apps(session.apps + bound)
+        self._rebound(session, seq)
         if bound:
-            self._load_inbox(conn, bound)
+            self._status(session, bound, online=True)
+            self._load_inbox(session, bound)
 
-    def _on_unbind(self, conn: ClientConnection, frame: Frame) -> None:
+    def _on_unbind(self, session: Session, frame: Frame) -> None:
         drop = set(cpb.Bind.FromString(frame.body).apps)
-        conn.apps = self._canonical_apps(tuple(a for a in conn.apps if a not in drop))
-        if conn.unacked:
-            for msg_id in [k for k, a in conn.unacked.items() if a in drop]:
-                del conn.unacked[msg_id]
-        self._rebound(conn, frame.seq)
+        dropped = tuple(a for a in session.apps if a in drop)
+        session.apps = self._canonical_apps(tuple(a for a in session.apps if a not in drop))
+        self._drop_messages(session, drop)
+        self._rebound(session, frame.seq)
+        self._status(session, dropped, online=False)
 
-    def _rebound(self, conn: ClientConnection, seq: int) -> None:
-        self._submit(self.backends.register, self._session(conn))
-        self.send(conn, Op.COMMAND, cpb.Command(kind="BOUND", apps=conn.apps).SerializeToString(), seq)
+    def _drop_messages(self, session: Session, apps: set[str]) -> None:
+        """Forget held messages of apps no longer bound (they stay stored for a later bind)."""
+        if not apps:
+            return
+        if session.unacked:
+            for msg_id in [k for k, msg in session.unacked.items() if msg.app in apps]:
+                del session.unacked[msg_id]
+        if session.pending:
+            session.pending = [msg for msg in session.pending if msg.app not in apps]
 
-    def _on_upstream(self, conn: ClientConnection, frame: Frame) -> None:
+    def _rebound(self, session: Session, seq: int) -> None:
+        self._submit(self.backends.register, self._session_pb(session))
+        self.send(session, Op.COMMAND, cpb.Command(kind="BOUND", apps=session.apps).SerializeToString(), seq)
+
+    def _on_upstream(self, session: Session, frame: Frame) -> None:
         req = cpb.Upstream.FromString(frame.body)
         seq = frame.seq
-        if req.app not in conn.apps:
+        if req.app not in session.apps:
             m.UPSTREAM.labels("not_bound").inc()
-            self.fail(conn, ErrorCode.NOT_BOUND, f"connection is not bound to app {req.app!r}", fatal=False, seq=seq)
+            self.fail(session, ErrorCode.NOT_BOUND, f"connection is not bound to app {req.app!r}", fatal=False,
+                      seq=seq)
             return
-        item = ipb.UpstreamItem(uid=conn.uid, app=req.app, kind=req.kind[:64], payload=req.payload,
-                                session_id=f"{self.id}/{conn.sid}", device_id=conn.device_id,
-                                ts_ms=int(time.time() * 1000))
+        item = ipb.UpstreamItem(uid=session.uid, app=req.app, kind=req.kind[:64], payload=req.payload,
+                                session_id=self.session_id(session), device_id=session.device_id,
+                                ts_ms=self.wall_ms())
 
         def done(accepted, err) -> None:
             ok = bool(accepted) and err is None
             m.UPSTREAM.labels("accepted" if ok else "rejected").inc()
-            if conn.state == OPEN:
-                self.send(conn, Op.UPSTREAM_ACK, cpb.UpstreamAck(accepted=ok).SerializeToString(), seq)
+            if session.state == OPEN:
+                self.send(session, Op.UPSTREAM_ACK, cpb.UpstreamAck(accepted=ok).SerializeToString(), seq)
 
         if not self._submit(self.backends.upstream, item, done):
             done(False, None)

@@ -31,3 +31,6 @@ class RoomServicer(igrpc.RoomServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_KICK_ITEMS} uids/sessions per Kick")
         kicked = self.room.kick(request.uids, request.session_ids, request.reason or "kicked", request.app)
         return ipb.KickReply(kicked=kicked)
+
+    async def TakeSession(self, request: ipb.TakeSessionRequest, context) -> ipb.TakenSession:
+        return self.room.take_session(request)

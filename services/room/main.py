@@ -45,15 +45,14 @@ def main(args) -> int:
 
 async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.common import metrics
-    from services.common.codec import Op, encode
     from services.common.discovery import Discovery, Instance
-    from services.common.pb import client_pb2 as cpb
     from services.common.pb import internal_pb2_grpc as igrpc
     from services.common.rpc import ChannelPool, start_server
     from services.room.app_cache import AppCache
     from services.room.backends import RoomBackends
     from services.room.connection import ClientConnection
     from services.room.core import RoomInstance
+    from services.room.drain import reconnect_frames
     from services.room.grpc_adapter import RoomServicer
 
     host = common.advertise_host
@@ -63,7 +62,9 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     pool = ChannelPool(common.rpc_channels_per_target)
     backends = RoomBackends(discovery, pool, cfg, common.rpc_deadline_s)
     apps = AppCache(redis, cfg.app_refresh_s)
-    room = RoomInstance(cfg, instance_id, apps, backends)
+    room = RoomInstance(cfg, instance_id, apps, backends, grpc_address=f"{host}:{cfg.grpc_port}")
+    if not cfg.resume_secret:
+        room.resume_secret = await shared_resume_secret(redis)
 
     await apps.start()
     await room.start()
@@ -111,9 +112,14 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     except Exception as exc:  # Redis away: clients still get RECONNECT and ask the dispatcher
         log.warning("no other room addresses for the drain: %s", exc)
         others = []
-    addresses = [f"{i.host}:{i.port}" for i in others[:8]]
-    frame = encode(Op.COMMAND, cpb.Command(kind="RECONNECT", addresses=addresses).SerializeToString())
-    room.drain(frame)
+    room.drain(reconnect_frames(others, common.region))
+    # the sessions wait DETACHED for the instances their clients move to, which take them over
+    deadline = loop.time() + cfg.drain_handover_s
+    while room.detached and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    if room.detached:
+        log.info("drain: %d sessions not taken over within %.0fs; ending them", room.detached, cfg.drain_handover_s)
+    room.close_all()
     await backends.drain(cfg.drain_timeout_s)
     await room.stop()
     await grpc_server.stop(grace=1.0)
@@ -123,3 +129,16 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     await discovery.close()
     await redis.aclose()
     log.info("room %s stopped", instance_id)
+
+
+RESUME_SECRET_KEY = "pylon:room:resume_secret"
+
+
+async def shared_resume_secret(redis) -> bytes:
+    """One secret for every room instance of the cluster (a resume token minted by one instance
+    is checked by another): created once, kept in Redis."""
+    import secrets
+
+    await redis.set(RESUME_SECRET_KEY, secrets.token_hex(32), nx=True)
+    value = await redis.get(RESUME_SECRET_KEY)
+    return value if isinstance(value, bytes) else value.encode()

@@ -103,8 +103,20 @@ MESSAGES_OUT = Family("pylon_room_messages_delivered_total", "Messages written t
 ACKS = Family("pylon_room_acks_total", "Message ids acked by clients")
 CLOSED = Family("pylon_room_closed_total", "Connections closed by reason", "reason")
 UPSTREAM = Family("pylon_room_upstream_total", "UPSTREAM frames by outcome", "outcome")
+DETACHED = Family("pylon_room_detached_sessions",
+                  "Sessions whose link dropped, held for a resume (resume_grace_s)", gauge=True)
+RESUMES = Family("pylon_room_resumes_total",
+                 "AUTHs carrying a resume_token, by outcome (same_instance, taken: from another instance; "
+                 "not_found, invalid: fell back to a normal login)", "outcome")
+TAKEN = Family("pylon_room_sessions_taken_total", "Sessions handed over to another instance the client resumed on")
+REPLACED = Family("pylon_room_sessions_replaced_total",
+                  "Sessions closed with KICK replaced: a new login of the same uid and device_id")
+EPOCHS = Family("pylon_room_register_epochs_total",
+                "Register epochs changed (its data was lost): every session was registered again")
+REREGISTERED = Family("pylon_room_reregistered_total", "Sessions registered again after a register epoch change")
 REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, OVERDUE, AUTHS,
-                              FRAMES_IN, FRAMES_OUT, MESSAGES_OUT, ACKS, CLOSED, UPSTREAM]))
+                              FRAMES_IN, FRAMES_OUT, MESSAGES_OUT, ACKS, CLOSED, UPSTREAM, DETACHED, RESUMES, TAKEN,
+                              REPLACED, EPOCHS, REREGISTERED]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
 frames_out = {int(op): FRAMES_OUT.labels(op.name) for op in Op}
@@ -116,5 +128,10 @@ closed = {code: CLOSED.labels(code.name.lower()) for code in ErrorCode}
 closed_by_peer = CLOSED.labels("peer")
 closed_kick = CLOSED.labels("kick")
 closed_drain = CLOSED.labels("drain")
+closed_replaced = CLOSED.labels("replaced")
+closed_taken = CLOSED.labels("taken")
+closed_resume_expired = CLOSED.labels("resume_expired")
+for _outcome in ("same_instance", "taken", "not_found", "invalid"):
+    RESUMES.labels(_outcome)
 for _outcome in ("not_bound", "accepted", "rejected"):
     UPSTREAM.labels(_outcome)
