@@ -13,6 +13,7 @@ import shutil
 import signal
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -59,6 +60,13 @@ async def _wait_records(common, ids):
     return records if ids <= set(records) else None
 
 
+async def _metrics(address: str) -> str:
+    def get() -> str:
+        return urllib.request.urlopen(f"http://{address}/metrics", timeout=5).read().decode()
+
+    return await asyncio.to_thread(get)
+
+
 def _serving_pid(log_text: str, port: int) -> list[int]:
     """pids that logged serving clients on ``port``, in order."""
     return [int(p) for p in re.findall(rf"serving clients on 127\.0\.0\.1:{port}\b.*?pid (\d+)", log_text)]
@@ -92,7 +100,8 @@ async def test_killed_instance_is_forked_again_and_supervisor_still_stops(own_re
             pids = procs.children(room.pid)
             records = await _room_records(common)
             rec = records.get(victim_id)
-            if (len(pids) == 2 and victim not in pids and rec is not None
+            serving = _serving_pid(room.log_text(), base + 1)  # logged just after the announce
+            if (len(pids) == 2 and victim not in pids and rec is not None and serving[-1] in pids
                     and rec.started_ms > before[victim_id].started_ms and backing.port_open("127.0.0.1", base + 1)):
                 return pids
             return None
@@ -104,6 +113,10 @@ async def test_killed_instance_is_forked_again_and_supervisor_still_stops(own_re
         assert f"room instance 1 (pid {victim}, port {base + 1}) was killed by SIGKILL" in text
         assert f"room instance 1 restarted as pid {new_pid} on port {base + 1} (restart 1)" in text
         assert set(old_pids) - {victim} <= set(new_pids)  # the other instance was left alone
+        # the new process says on its /metrics that its slot was restarted once
+        records = await _room_records(common)
+        assert "pylon_room_instance_restarts 1.0" in await _metrics(records[victim_id].metrics)
+        assert "pylon_room_instance_restarts 0.0" in await _metrics(records[f"room-127.0.0.1:{base}"].metrics)
         # no zombie: the killed instance was reaped
         assert not os.path.exists(f"/proc/{victim}")
 
