@@ -10,7 +10,7 @@ import uuid
 
 from pylon_sdk import PylonClient
 
-from tests.integration.test_e2e import api, push, wait_state
+from tests.integration.test_e2e import api, message_state, push, wait_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,3 +59,36 @@ async def test_demo_client_prints_a_pushed_message(cluster, tmp_path):
             proc.kill()
             await proc.wait()
     assert json.loads(local.read_text())["app"]["id"] == cluster.app["id"]
+
+
+async def test_sdk_dedupe_file_hands_nothing_over_twice_across_an_app_restart(cluster, tmp_path):
+    """The app handles a message and stops before its ACK leaves; the restarted app (a new client
+    on the same dedupe file) gets it again from the server and acks it without handing it over."""
+    user = "sdk-" + uuid.uuid4().hex[:8]
+    status, body = await api(cluster, "POST", "/v1/tokens", {"uid": user, "device_id": "phone"})
+    assert status == 200
+    path = tmp_path / "handled.db"
+    first_got: list = []
+    first: PylonClient | None = None
+
+    async def stop_after_handling(msg):
+        first_got.append(msg.msg_id)
+        await first.close()       # the app ends right after its handler: the ACK never leaves
+
+    first = PylonClient(cluster.dispatcher_url, uid=user, token=body["token"], device_id="phone",
+                        on_message=stop_after_handling, dedupe_path=path)
+    await first.start(timeout=10)
+    (msg_id,) = await push(cluster, [user], "exactly once")
+    await asyncio.wait_for(first.wait_closed(), 10)
+    assert [str(i) for i in first_got] == [msg_id]
+    assert await message_state(cluster, msg_id) != "acked"
+
+    second_got: list = []
+    second = PylonClient(cluster.dispatcher_url, uid=user, token=body["token"], device_id="phone",
+                         on_message=second_got.append, dedupe_path=path)
+    await second.start(timeout=10)
+    try:
+        await wait_state(cluster, msg_id, "acked", timeout=15)
+        assert second_got == [] and second.duplicates_dropped == 1
+    finally:
+        await second.close()
