@@ -92,3 +92,31 @@ async def test_sdk_dedupe_file_hands_nothing_over_twice_across_an_app_restart(cl
         assert second_got == [] and second.duplicates_dropped == 1
     finally:
         await second.close()
+
+
+async def test_sdk_resumes_after_a_flash_disconnect_and_hands_the_rewritten_message_over_once(cluster):
+    """The connection drops after the handler returned but before its ACK could leave; the SDK
+    reconnects with its resume_token, the room resumes the session and writes the unacked message
+    again, and the SDK acks it without handing it over a second time."""
+    user = "sdk-" + uuid.uuid4().hex[:8]
+    status, body = await api(cluster, "POST", "/v1/tokens", {"uid": user, "device_id": "phone"})
+    assert status == 200
+    got: list = []
+    client: PylonClient | None = None
+
+    def drop_before_ack(msg):
+        got.append(msg.msg_id)
+        if len(got) == 1:
+            client._link.close()  # the network goes, between the handler and its ACK
+
+    client = PylonClient(cluster.dispatcher_url, uid=user, token=body["token"], device_id="phone",
+                         on_message=drop_before_ack, reconnect_min_s=0.05, reconnect_max_s=0.2)
+    await client.start(timeout=10)
+    try:
+        assert client.resumed is False and client.resume_token
+        (msg_id,) = await push(cluster, [user], "once, across a resume")
+        await wait_state(cluster, msg_id, "acked", timeout=15)
+        assert client.connected and client.resumed is True
+        assert [str(i) for i in got] == [msg_id] and client.duplicates_dropped == 1
+    finally:
+        await client.close()
