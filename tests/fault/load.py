@@ -35,7 +35,7 @@ MAX_IN_FLIGHT = 64        # pushes outstanding at once; a tick past it is skippe
 @dataclass
 class Accepted:
     uid: str
-    t: float
+    t: float          # when the push was sent (the client may have it before the 200 is read)
     scenario: str
 
 
@@ -59,9 +59,9 @@ class Ledger:
         self.deliveries: dict[int, list[tuple[float, str]]] = {}
         self._reported_dups: set[int] = set()
 
-    def accept(self, msg_id: int, uid: str, scenario: str) -> None:
+    def accept(self, msg_id: int, uid: str, scenario: str, t_sent: float) -> None:
         with self._lock:
-            self.accepted[msg_id] = Accepted(uid, time.monotonic(), scenario)
+            self.accepted[msg_id] = Accepted(uid, t_sent, scenario)
 
     def deliver(self, msg_id: int, uid: str) -> None:
         with self._lock:
@@ -315,6 +315,7 @@ class LoadHarness:
         if st is not None:
             st.sent += 1
             st.in_flight += 1
+        t_sent = time.monotonic()
         status: int | str
         try:
             async with self._session.post(f"{self.center_url}/v1/push", json=body, headers=self._headers()) as r:
@@ -327,7 +328,7 @@ class LoadHarness:
                 st.in_flight -= 1
         if status == 200 and reply and len(reply.get("msg_ids", [])) == 1:
             msg_id = int(reply["msg_ids"][0])
-            self.ledger.accept(msg_id, uid, scenario or st.scenario)
+            self.ledger.accept(msg_id, uid, scenario or st.scenario, t_sent)
             if st is not None:
                 st.accepted += 1
             return msg_id

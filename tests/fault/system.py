@@ -367,6 +367,13 @@ class FaultSystem:
                 done.append(f"started {name}")
         return done
 
+    def restart_rooms(self) -> None:
+        """Stop the room tier (SIGTERM: drain) and start it again: every client connects anew."""
+        sp = self.services.get("room")
+        if sp is not None:
+            sp.stop(timeout_s=20)
+        self.start_service("room", "restarted by the fault test's repair step (system up but not whole)")
+
     # ------------------------------------------------------------------ stop
 
     def stop(self) -> None:
