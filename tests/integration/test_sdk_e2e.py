@@ -120,3 +120,27 @@ async def test_sdk_resumes_after_a_flash_disconnect_and_hands_the_rewritten_mess
         assert [str(i) for i in got] == [msg_id] and client.duplicates_dropped == 1
     finally:
         await client.close()
+
+
+async def test_sdk_replaced_by_a_second_copy_stops_and_leaves_the_session_to_it(cluster):
+    user = "sdk-" + uuid.uuid4().hex[:8]
+    status, body = await api(cluster, "POST", "/v1/tokens", {"uid": user, "device_id": "phone"})
+    assert status == 200
+    older = PylonClient(cluster.dispatcher_url, uid=user, token=body["token"], device_id="phone",
+                        reconnect_min_s=0.05, reconnect_max_s=0.2)
+    got: asyncio.Queue = asyncio.Queue()
+    newer = PylonClient(cluster.dispatcher_url, uid=user, token=body["token"], device_id="phone",
+                        on_message=lambda m: got.put_nowait(m))
+    await older.start(timeout=10)
+    try:
+        await newer.start(timeout=10)
+        assert await asyncio.wait_for(older.wait_closed(), 10) == "kicked: replaced"
+        assert older.kick_reason == "replaced"
+        (msg_id,) = await push(cluster, [user], "to the newer copy")
+        msg = await asyncio.wait_for(got.get(), 10)
+        assert str(msg.msg_id) == msg_id
+        await asyncio.sleep(0.5)
+        assert newer.connected and not older.connected   # the older one did not come back to fight
+    finally:
+        await older.close()
+        await newer.close()
