@@ -452,18 +452,20 @@ class PylonClient:
         """End the delivery worker (it ends by itself when the handler itself called close()),
         drop the PUSH frames still queued (unacked: the server keeps them), close the dedupe file."""
         worker = self._worker
-        if worker is not None:
-            if not self._closed_by_handler:
-                worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
-            self._own_tasks.discard(worker)
-        while not self._pushes.empty():
-            self._pushes.get_nowait()
-        if self._handled_file is not None:
-            try:
-                self._handled_file.close()
-            except DedupeStoreError as exc:
-                log.error("pylon: %s", exc)
+        try:
+            if worker is not None:
+                if not self._closed_by_handler:
+                    worker.cancel()
+                await asyncio.gather(worker, return_exceptions=True)  # a close() meanwhile cancels it too
+                self._own_tasks.discard(worker)
+        finally:
+            while not self._pushes.empty():
+                self._pushes.get_nowait()
+            if self._handled_file is not None:
+                try:
+                    self._handled_file.close()
+                except DedupeStoreError as exc:
+                    log.error("pylon: %s", exc)
 
     async def _pause(self, seconds: float) -> None:
         self._set_state(State.BACKOFF)
