@@ -26,10 +26,12 @@ class RegisterServicer(internal_pb2_grpc.RegisterServicer):
         self.store = store
         self._redis_log = OutageLog("Redis")
 
-    async def _run(self, method: str, n_items: int, context, coro):
+    async def _run(self, method: str, n_items: int | None, context, coro):
+        """``n_items`` None: a call without items (Epoch), kept out of the batch-size histogram."""
         started = time.perf_counter()
         outcome = "ok"
-        m.BATCH_ITEMS.labels(method).observe(n_items)
+        if n_items is not None:
+            m.BATCH_ITEMS.labels(method).observe(n_items)
         try:
             result = await coro
             self._redis_log.ok()
@@ -58,7 +60,7 @@ class RegisterServicer(internal_pb2_grpc.RegisterServicer):
         return internal_pb2.RegisterReply(n=n, epoch=epoch)
 
     async def Epoch(self, request, context):
-        epoch = await self._run("Epoch", 0, context, self.store.epoch())
+        epoch = await self._run("Epoch", None, context, self.store.epoch())
         return internal_pb2.RegisterReply(epoch=epoch)
 
     async def Unregister(self, request, context):
