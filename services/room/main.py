@@ -105,6 +105,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     load_task.cancel()
     room.draining = True
     await discovery.withdraw()
+    room.listeners = []  # closed below: nothing to read their accept queues from
     for srv in servers:
         srv.close()
     try:

@@ -14,6 +14,8 @@ TEST_ENV = {
     "PYLON_ROOM_HEARTBEAT_MIN_S": "1",
     "PYLON_ROOM_HEARTBEAT_GRACE_S": "1",
     "PYLON_ROOM_HANDSHAKE_TIMEOUT_S": "2",
+    # a dropped session is held this long for a resume, and only then goes offline
+    "PYLON_ROOM_RESUME_GRACE_S": "3",
     "PYLON_ROOM_WRITE_BUFFER_LIMIT": "65536",
     "PYLON_LOG_LEVEL": "INFO",
 }
