@@ -379,3 +379,8 @@ class LoadHarness:
         await asyncio.gather(*(c.close() for c in self.clients.values()), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        me = asyncio.current_task()
+        rest = [t for t in asyncio.all_tasks() if t is not me]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)

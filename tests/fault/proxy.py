@@ -36,10 +36,21 @@ class ProxyLoop:
 
     def close(self) -> None:
         if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
+            try:
+                self.call(_cancel_all(), 5)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(5)
         if not self.loop.is_running():
             self.loop.close()
+
+
+async def _cancel_all() -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Pair:

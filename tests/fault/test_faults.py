@@ -253,6 +253,15 @@ FAULTS = [
 # ---------------------------------------------------------------------- the scenario
 
 
+def _state(e: Env, msg_id: int) -> str:
+    """The message's state as the API reports it (stored: waiting in its inbox; delivered: sent, not acked)."""
+    try:
+        status, body = e.system.api("GET", f"/v1/messages/{msg_id}")
+    except OSError as exc:
+        return f"unknown ({exc})"
+    return body.get("state", f"HTTP {status}") if status == 200 else f"HTTP {status} {body.get('error', '')}"
+
+
 def _evidence(e: Env, fault: Fault) -> str:
     parts = []
     for name in fault.watch:
@@ -344,9 +353,11 @@ def test_fault(env: Env, fault: Fault) -> None:
     })
     if missing:
         t_acc = {m: round(accepted[m].t - t_fault, 2) for m in missing[:20]}
+        states = rec["missing_states"] = {str(m): _state(e, m) for m in missing[:5]}
         failures.append(f"{len(missing)} of {len(accepted)} accepted msg_ids never reached the handler within "
-                        f"{DELIVER_S} s of the heal: " + ", ".join(f"{m} (uid {accepted[m].uid}, accepted at "
-                                                                   f"{t_acc[m]:+.2f} s)" for m in missing[:20]))
+                        f"{DELIVER_S} s of the heal: " + ", ".join(f"{m} (uid {accepted[m].uid}, sent at "
+                                                                   f"{t_acc[m]:+.2f} s)" for m in missing[:20])
+                        + f"; server state of the first: {states}")
     if dups:
         failures.append(f"{len(dups)} msg_ids handed to the app more than once: {dict(list(dups.items())[:20])}")
     if wrong:
