@@ -159,3 +159,39 @@ async def test_killed_supervisor_takes_its_instances_with_it(own_redis):
         assert not backing.port_open("127.0.0.1", base) and not backing.port_open("127.0.0.1", base + 1)
     finally:
         room.stop()
+
+
+async def test_instance_that_keeps_dying_backs_off_then_recovers(own_redis):
+    """Instance 1 cannot bind its gRPC port (held here): it dies at every start, the supervisor
+    waits longer each time; once the port is free the next start serves."""
+    import socket
+
+    common, tmp = own_redis
+    ports = Ports.free(2)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", ports.room_grpc + 1))
+    blocker.listen()
+    room = procs.start("room-crashloop", ["room", "--host", "127.0.0.1", "--port", str(ports.room), "--grpc-port",
+                                          str(ports.room_grpc), "--instances", "2"],
+                       procs.common_env(common, TEST_ENV), os.path.join(tmp, "logs"),
+                       wait_for=[("127.0.0.1", ports.room)])
+    try:
+        async def delays():
+            found = re.findall(r"room instance 1 \(pid \d+, port \d+\) exited with code 1 after [\d.]+ s; "
+                               r"starting it again in ([\d.]+) s", room.log_text())
+            return found if len(found) >= 3 else None
+
+        found = await _until("three failed starts of instance 1", delays, 15)
+        assert [float(d) for d in found[:3]] == [0.5, 1.0, 2.0]
+        assert room.alive() and backing.port_open("127.0.0.1", ports.room)  # instance 0 is unaffected
+        blocker.close()
+
+        async def serving():
+            return _serving_pid(room.log_text(), ports.room + 1)
+
+        await _until("instance 1 serving once its port is free", serving, 20)
+        assert room.stop(timeout_s=30) == 0, room.log_text()[-3000:]
+    finally:
+        blocker.close()
+        room.stop()
