@@ -38,7 +38,7 @@ from services.saver.rebuild import RebuildLockLost, RedisRebuild
 
 log = logging.getLogger(__name__)
 
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError, BackendUnavailable)
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 # while another saver rebuilds, how often to look for its epoch (and for its lock gone stale)
 _POLL_S = 0.1
 
@@ -147,6 +147,8 @@ class EpochGuard:
                 except _UNREACHABLE as exc:
                     self.outage.failed(exc)
                     await asyncio.sleep(0.5)
+                except BackendUnavailable:
+                    await asyncio.sleep(0.5)  # MySQL: the journal logs its outages
                 except RebuildLockLost as exc:
                     m.REBUILDS.labels("lock_lost").inc()
                     log.warning("rebuild of Redis from MySQL abandoned (%s); starting again", exc)
