@@ -64,6 +64,9 @@ class RoomConfig:
     # Flash disconnect (DESIGN.md §3): a session whose link dropped is kept this long for a
     # resume; 0 = a lost link ends the session at once.
     resume_grace_s: int = 60
+    # Payload bytes a detached session holds of what arrives meanwhile (also at most
+    # max_unacked_per_session messages); the rest stays stored and a resume reads the inbox.
+    resume_hold_bytes: int = 256 * 1024
     # A resume_token older than this is refused (a normal login follows); the session itself
     # is held only for resume_grace_s after its link dropped.
     resume_token_max_age_s: int = 7 * 86400
@@ -93,6 +96,7 @@ class RoomConfig:
         require(0 <= self.resume_grace_s <= 3600, "room.resume_grace_s", "must be within 0..3600 s (0 = no resume)")
         require(60 <= self.resume_token_max_age_s <= 30 * 86400, "room.resume_token_max_age_s",
                 "must be within 60 s..30 days")
+        require(0 <= self.resume_hold_bytes <= 64 * 1024 * 1024, "room.resume_hold_bytes", "must be within 0..64 MiB")
         require(0 <= self.drain_handover_s <= 300, "room.drain_handover_s", "must be within 0..300 s")
         require(0.2 <= self.register_check_s <= 60, "room.register_check_s", "must be within 0.2..60 s")
 

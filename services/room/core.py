@@ -680,7 +680,10 @@ class RoomInstance:
         m.auth_ok.inc()
         self._send_auth_ok(old, seq, resumed=True)
         self._rewrite_unacked(old)
-        if added:
+        if old.reload:  # more arrived while detached than it held: the rest is in the inbox
+            old.reload = False
+            self._load_inbox(old, old.apps)
+        elif added:
             self._load_inbox(old, added)
 
     def _rewrite_unacked(self, session: Session) -> None:
@@ -916,6 +919,8 @@ class RoomInstance:
         return len(fresh)
 
     def _hold(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> None:
+        """Keep what arrives for a detached session, within a count and a byte bound; what does
+        not fit stays stored, and the resume reads the inbox for it."""
         pending = session.pending
         if pending is None:
             pending = session.pending = []
@@ -923,13 +928,17 @@ class RoomInstance:
         if session.unacked:
             held.update(session.unacked)
         room_left = self.cfg.max_unacked_per_session - len(held)
+        bytes_left = self.cfg.resume_hold_bytes - sum(len(msg.payload) for msg in pending)
         for msg in messages:
-            if room_left <= 0:
-                break  # the rest stays in the inbox
-            if msg.app in session.apps and msg.msg_id not in held:
-                pending.append(msg)
-                held.add(msg.msg_id)
-                room_left -= 1
+            if msg.app not in session.apps or msg.msg_id in held:
+                continue
+            if room_left <= 0 or len(msg.payload) > bytes_left:
+                session.reload = True
+                break
+            pending.append(msg)
+            held.add(msg.msg_id)
+            room_left -= 1
+            bytes_left -= len(msg.payload)
 
     def _write_messages(self, session: Session, messages: list[ipb.StoredMessage]) -> None:
         """PUSH frames, as few as fit under max_frame, for ``messages`` (no bookkeeping)."""

@@ -75,7 +75,7 @@ def next_state(state: State, event: Event) -> State:
 class Session:
     __slots__ = (
         "conn", "state", "uid", "device_id", "apps", "sid", "net", "heartbeat_s", "deadline",
-        "unacked", "pending", "registered", "connected_ms",
+        "unacked", "pending", "registered", "connected_ms", "reload",
     )
 
     def __init__(self, conn: ClientConnection | None = None) -> None:
@@ -95,6 +95,7 @@ class Session:
         self.pending: list[ipb.StoredMessage] | None = None
         self.registered = False      # present in register (needs an unregister when it ends)
         self.connected_ms = 0        # wall-clock ms of the AUTH that opened it
+        self.reload = False          # DETACHED and more arrived than it holds: a resume reads the inbox
 
     def move(self, event: Event) -> None:
         self.state = next_state(self.state, event)

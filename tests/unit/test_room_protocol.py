@@ -336,6 +336,22 @@ def test_resume_on_the_same_instance_keeps_the_session_without_reload_or_another
     assert [r.msg_id for r, _ in h.backends.ack.items] == [1, 2]
 
 
+def test_a_detached_session_holds_within_its_bounds_and_the_resume_reads_the_rest():
+    h = RoomHarness(resume_hold_bytes=250)
+    c = h.client()
+    ok = c.login()
+    c.drop()
+    h.room.push([message(i, payload=b"x" * 100) for i in range(1, 5)])
+    assert [m.msg_id for m in c.session.pending] == [1, 2] and c.session.reload
+    loads = len(h.backends.load_inbox.sent)
+    c2 = h.client()
+    c2.auth(resume_token=ok.resume_token)
+    assert c2.pushed() == [1, 2]
+    assert len(h.backends.load_inbox.sent) == loads + 1, "what it could not hold comes from the inbox"
+    h.backends.load_inbox.complete(lambda key: ipb.Inbox(uid=key.uid, messages=[message(i) for i in range(1, 5)]))
+    assert c2.pushed() == [3, 4], "what it already holds is not written twice"
+
+
 def test_forged_foreign_expired_or_stale_tokens_fall_back_to_a_normal_login():
     h = RoomHarness(resume_grace_s=20)
     alice = h.client()
