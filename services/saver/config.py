@@ -44,6 +44,8 @@ class SaverConfig:
     rebuild_chunk_rows: int = 1000       # rows per MySQL page and Redis pipeline
     rebuild_lock_ttl_s: float = 10.0     # renewed by every page; frees a rebuild whose saver died
     rebuild_wait_s: float = 5.0          # an RPC waits this long (at most its deadline) for a rebuild
+    # newest MySQL rows compared with Redis when Redis restarted with its epoch (lost last writes?)
+    tail_check_rows: int = 1000
     redis_max_connections: int = 32
     shutdown_grace_s: float = 5.0
 
@@ -73,5 +75,6 @@ class SaverConfig:
         require(1 <= self.rebuild_chunk_rows <= 10_000, "saver.rebuild_chunk_rows", "must be in 1..10000")
         require(1 <= self.rebuild_lock_ttl_s <= 600, "saver.rebuild_lock_ttl_s", "must be in 1..600")
         require(0 <= self.rebuild_wait_s <= 60, "saver.rebuild_wait_s", "must be in 0..60")
+        require(0 <= self.tail_check_rows <= 100_000, "saver.tail_check_rows", "must be in 0..100000")
         require(self.redis_max_connections >= 1, "saver.redis_max_connections", "must be >= 1")
         require(self.shutdown_grace_s >= 0, "saver.shutdown_grace_s", "must be >= 0")

@@ -13,6 +13,11 @@ takes over). The others poll until the new epoch shows up. While this saver rebu
 ``wait()`` holds RPCs until the data is whole again, up to their deadline, and then answers
 UNAVAILABLE: nothing is served from half-built data.
 
+A Redis that restarted (its run_id changed; also the first look at start) and kept its epoch may
+still have lost its last writes, if its host crashed between two fsyncs of its append-only file.
+The newest rows of the MySQL log tell (``RedisRebuild.find_tail_loss``): if a counter is behind
+or settled messages are missing, the epoch is dropped and Redis rebuilt like after any loss.
+
 States: ready (epoch seen; RPCs pass) → recovering (epoch missing: rebuilding or waiting for the
 saver that is) → ready. Before the first check, and while Redis cannot be reached, RPCs pass too:
 they fail on Redis by themselves, or meet the scripts' atomic epoch check.
@@ -33,7 +38,7 @@ from services.common.redis_scripts import run_pipeline
 from services.saver import metrics as m
 from services.saver.errors import BackendUnavailable
 from services.saver.keys import EPOCH_KEY, REBUILD_LOCK_KEY
-from services.saver.lua import EPOCH_PUBLISH, LOCK_RELEASE
+from services.saver.lua import EPOCH_DROP, EPOCH_PUBLISH, LOCK_RELEASE
 from services.saver.rebuild import RebuildLockLost, RedisRebuild
 
 log = logging.getLogger(__name__)
@@ -49,12 +54,15 @@ def new_epoch() -> str:
 
 
 class EpochGuard:
-    def __init__(self, redis, rebuild: RedisRebuild, *, check_interval_s: float, lock_ttl_s: float) -> None:
+    def __init__(self, redis, rebuild: RedisRebuild, *, check_interval_s: float, lock_ttl_s: float,
+                 tail_check_rows: int) -> None:
         self._redis = redis
         self._rebuild = rebuild
         self.check_interval_s = check_interval_s
         self.lock_ttl_ms = int(lock_ttl_s * 1000)
+        self.tail_check_rows = tail_check_rows
         self.epoch: bytes | None = None
+        self.redis_run_id: str | None = None  # the Redis server process the tail was checked against
         self._whole = asyncio.Event()  # set while no recovery runs
         self._whole.set()
         self._recovery: asyncio.Task | None = None
@@ -73,6 +81,8 @@ class EpochGuard:
             await self.check()
         except _UNREACHABLE as exc:
             self.outage.failed(exc)
+        except BackendUnavailable:
+            pass  # MySQL, for the tail check: logged by the journal, checked again in a second
         self._checker = asyncio.get_running_loop().create_task(self._check_loop())
 
     async def close(self) -> None:
@@ -104,11 +114,30 @@ class EpochGuard:
     # ------------------------------------------------------------------ detection
     async def check(self) -> None:
         epoch = await self._redis.get(EPOCH_KEY)
+        run_id = (await self._redis.info("server")).get("run_id")
         self.outage.ok()
         if epoch is None:
             self._start_recovery()
-        elif not self.recovering:
-            self._adopt(epoch)
+            return
+        if self.recovering:
+            return
+        if run_id != self.redis_run_id:
+            if await self._tail_lost(epoch):
+                return
+            self.redis_run_id = run_id
+        self._adopt(epoch)
+
+    async def _tail_lost(self, epoch: bytes) -> bool:
+        """True (and a recovery started) if Redis kept its epoch but lost its newest writes."""
+        behind, missing = await self._rebuild.find_tail_loss(self.tail_check_rows)
+        if not behind and not missing:
+            return False
+        log.warning("Redis came back without its latest writes (%d sequence counters behind MySQL, %d stored "
+                    "messages missing among the newest %d rows): dropping epoch %s to rebuild from MySQL",
+                    behind, missing, self.tail_check_rows, epoch.decode())
+        await run_pipeline(self._redis, lambda pipe: EPOCH_DROP.queue(pipe, [EPOCH_KEY], [epoch]), (EPOCH_DROP,))
+        self._start_recovery()
+        return True
 
     async def _check_loop(self) -> None:
         while True:
@@ -119,6 +148,8 @@ class EpochGuard:
                 await self.check()
             except _UNREACHABLE as exc:
                 self.outage.failed(exc)
+            except BackendUnavailable:
+                pass  # MySQL, for the tail check: logged by the journal
             except Exception:
                 log.exception("epoch check failed")
 

@@ -253,6 +253,18 @@ class MessageJournal:
         m.MYSQL_SECONDS.labels("rebuild_scan").observe(time.perf_counter() - started)
         return rows
 
+    async def tail(self, limit: int) -> list[tuple]:
+        """The ``limit`` rows with the highest msg_ids (newest first; one backward range of the
+        primary key): (msg_id, uid, app, seq, created_ms, expires_ms, state, attempts)."""
+        try:
+            async with self._pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(f"SELECT {_SCAN_COLUMNS} FROM messages ORDER BY msg_id DESC LIMIT %s", (limit,))
+                rows = await cur.fetchall()
+        except UNAVAILABLE_ERRORS as exc:
+            raise self._failed(exc) from None
+        self.outage.ok()
+        return rows
+
     # ------------------------------------------------------------------ sweep
     async def sweep_once(self, now_ms: int) -> int:
         """Delete rows expired more than the ack retention ago, in LIMITed batches. One saver

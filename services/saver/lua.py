@@ -138,6 +138,12 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
+# KEYS[1] = epoch; ARGV = the epoch found stale. Dropped only if no other saver replaced it since.
+_EPOCH_DROP = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
+return 0
+"""
+
 # KEYS[1] = rebuild lock; ARGV = owner token.
 _LOCK_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -155,3 +161,4 @@ SEQ_RAISE = Script(_SEQ_RAISE)
 LOCK_EXTEND = Script(_LOCK_EXTEND)
 EPOCH_PUBLISH = Script(_EPOCH_PUBLISH)
 LOCK_RELEASE = Script(_LOCK_RELEASE)
+EPOCH_DROP = Script(_EPOCH_DROP)

@@ -62,7 +62,8 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     rebuild = RedisRebuild(redis, journal, chunk_rows=cfg.rebuild_chunk_rows, ack_retention_s=cfg.ack_retention_s,
                            seq_ttl_s=seq_ttl_s, lock_ttl_s=cfg.rebuild_lock_ttl_s,
                            on_chunk=saver_metrics.REBUILD_ROWS.inc)
-    guard = EpochGuard(redis, rebuild, check_interval_s=cfg.epoch_check_interval_s, lock_ttl_s=cfg.rebuild_lock_ttl_s)
+    guard = EpochGuard(redis, rebuild, check_interval_s=cfg.epoch_check_interval_s, lock_ttl_s=cfg.rebuild_lock_ttl_s,
+                       tail_check_rows=cfg.tail_check_rows)
     store = MessageStore(inbox, journal, guard, cfg)
     journal.start()
     # Redis without an epoch is rebuilt from MySQL before anything is served: RPCs that arrive

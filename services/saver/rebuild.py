@@ -14,6 +14,12 @@ trips each way and holds one page in memory, however large the table. Per page:
   saver stalled) stops writing and is void.
 
 The caller (EpochGuard) holds the lock before and publishes the epoch after.
+
+A Redis that comes back from a crash with its append-only file keeps its epoch, but if its host
+went down it may miss its last second of writes (appendfsync everysec). ``tail_loss`` looks for
+that in the newest rows of the log: a sequence counter below a seq MySQL has (counters are bumped
+before the row is written, so that never happens otherwise), or a pending message without its
+record that was stored long enough ago for its Store to have finished.
 """
 
 from __future__ import annotations
@@ -65,6 +71,22 @@ def plan_chunk(rows: Sequence[tuple], now_ms: int, ack_retention_s: int) -> Chun
     return plan
 
 
+# A Store writes MySQL, then Redis, within its deadline (5 s by default): a row older than this
+# whose record is missing was lost by Redis, not still on its way.
+TAIL_SETTLED_MS = 10_000
+
+
+def tail_loss(rows: Sequence[tuple], counters: dict[str, int], has_record: dict[int, bool],
+              now_ms: int) -> tuple[int, int]:
+    """(counters behind MySQL, settled pending messages missing) for the newest ``rows``
+    (``MessageJournal.tail``), given each pair's counter and whether each row's record exists."""
+    behind = {keys.seq_key(uid, app) for _, uid, app, seq, *_ in rows if counters.get(keys.seq_key(uid, app), 0) < seq}
+    missing = sum(1 for msg_id, _, _, _, created_ms, expires_ms, state, _ in rows
+                  if state in _PENDING_CODES and expires_ms > now_ms and created_ms <= now_ms - TAIL_SETTLED_MS
+                  and not has_record.get(msg_id, False))
+    return len(behind), missing
+
+
 @dataclass(slots=True)
 class RebuildStats:
     rows_scanned: int = 0
@@ -108,6 +130,25 @@ class RedisRebuild:
                 break
         stats.seconds = time.perf_counter() - started
         return stats
+
+    async def find_tail_loss(self, rows_to_check: int) -> tuple[int, int]:
+        """``tail_loss`` over the newest ``rows_to_check`` rows of the log: one MySQL query and
+        one Redis pipeline."""
+        rows = await self._journal.tail(rows_to_check)
+        if not rows:
+            return 0, 0
+        ckeys = list(dict.fromkeys(keys.seq_key(uid, app) for _, uid, app, *_ in rows))
+
+        def build(pipe) -> None:
+            for ckey in ckeys:
+                pipe.execute_command("GET", ckey)
+            for row in rows:
+                pipe.execute_command("EXISTS", keys.message_key(row[0]))
+
+        replies = await run_pipeline(self._redis, build)
+        counters = {ckey: int(v) for ckey, v in zip(ckeys, replies, strict=False) if v is not None}
+        has_record = {row[0]: bool(v) for row, v in zip(rows, replies[len(ckeys):], strict=True)}
+        return tail_loss(rows, counters, has_record, self._now_ms())
 
     async def _write(self, plan: ChunkPlan, token: str) -> None:
         seq_ttl = self.seq_ttl_s

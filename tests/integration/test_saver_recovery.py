@@ -343,3 +343,45 @@ async def test_two_savers_one_rebuild_and_no_answer_from_half_built_data(
     finally:
         for s in savers:
             await s.close()
+
+
+async def test_redis_back_without_its_last_writes_is_rebuilt(backing_stores, redis_db):
+    """A host crash between two fsyncs of the append-only file: Redis restarts with its epoch but
+    without its newest writes. Simulated by undoing them (a counter set back, records deleted)
+    before a kill -9; the saver finds the gap against the newest MySQL rows and rebuilds."""
+    cfg0, tmp = backing_stores
+    data, port = os.path.join(tmp, "redis-saver-tail"), backing.free_port()
+    server = backing.start_redis(data, port)
+    cfg = dataclasses.replace(own_stores(cfg0, "saver_recovery", mysql_database="pylon_saver_rec_tail"),
+                              redis_url=f"redis://127.0.0.1:{port}/0")
+    saver = Saver(cfg, tmp, "saver-rec-tail")
+    try:
+        redis = redis_db(cfg)
+        await wait_for_epoch(redis)
+        epoch = await redis.get(EPOCH_KEY)
+        rebuilds = await saver.rebuilds()
+        old = int(time.time() * 1000) - 60_000  # stored a minute ago: their Stores are long finished
+        msgs = [pb.StoredMessage(msg_id=new_id(), uid="rt-a", app="app1", payload=b"t", created_ms=old)
+                for _ in range(4)]
+        assert await saver.store(*msgs) == [1, 2, 3, 4]
+        await redis.set("pylon:seq:rt-a:app1", 2)
+        await redis.delete(*(f"pylon:m:{m.msg_id}" for m in msgs[2:]))
+
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(5)
+        server.stop()
+        server = backing.start_redis(data, port)
+        redis = redis_db(cfg)
+
+        deadline = time.monotonic() + 5
+        while await saver.rebuilds() == rebuilds:
+            assert time.monotonic() < deadline, "the lost tail was not noticed"
+            await asyncio.sleep(0.1)
+        await wait_for_epoch(redis)
+        assert await redis.get(EPOCH_KEY) != epoch
+        assert [(m.msg_id, m.seq) for m in await saver.load("rt-a")] == [(m.msg_id, i + 1) for i, m in enumerate(msgs)]
+        assert await saver.store(msg("rt-a")) == [5]
+        assert "came back without its latest writes" in saver.proc.log_text()
+    finally:
+        await saver.close()
+        server.stop()

@@ -11,7 +11,7 @@ from services.common.config import ConfigError
 from services.saver.config import SaverConfig
 from services.saver.epoch import new_epoch
 from services.saver.journal import ack_sql, delivered_sql
-from services.saver.rebuild import plan_chunk
+from services.saver.rebuild import TAIL_SETTLED_MS, plan_chunk, tail_loss
 from services.saver.validation import Ref
 
 NOW = 1_000_000_000
@@ -51,6 +51,27 @@ def test_empty_page():
     assert (plan.bodies, plan.inboxes, plan.counters) == ([], {}, {})
 
 
+def tail_row(msg_id, uid="u", seq=1, state=0, created_ms=NOW - TAIL_SETTLED_MS, expires_ms=NOW + 10_000):
+    return (msg_id, uid, "a", seq, created_ms, expires_ms, state, 0)
+
+
+def test_tail_intact():
+    rows = [tail_row(2, seq=2), tail_row(1, seq=1, state=2)]
+    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {2: True, 1: False}, NOW) == (0, 0)
+
+
+def test_tail_with_a_counter_behind_mysql():
+    rows = [tail_row(3, seq=3, state=2), tail_row(2, uid="v", seq=1, state=2)]
+    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {}, NOW) == (2, 0)  # v's counter is gone altogether
+
+
+def test_tail_with_settled_messages_missing_but_not_ones_still_being_stored():
+    rows = [tail_row(4, seq=4, created_ms=NOW - 5), tail_row(3, seq=3), tail_row(2, seq=2, expires_ms=NOW),
+            tail_row(1, seq=1, state=3)]
+    # 4: its Store may still be writing Redis; 2: expired; 1: parked (no record needed)
+    assert tail_loss(rows, {"pylon:seq:u:a": 4}, {}, NOW) == (0, 1)
+
+
 def placeholders(sql: str) -> int:
     return len(re.findall(r"%s", sql))
 
@@ -88,7 +109,7 @@ def test_epochs_are_unique_and_time_ordered():
 
 @pytest.mark.parametrize("field,value", [
     ("epoch_check_interval_s", 0), ("rebuild_chunk_rows", 0), ("rebuild_chunk_rows", 10_001),
-    ("rebuild_lock_ttl_s", 0.5), ("rebuild_wait_s", -1)])
+    ("rebuild_lock_ttl_s", 0.5), ("rebuild_wait_s", -1), ("tail_check_rows", -1)])
 def test_rebuild_config_bounds(field, value):
     with pytest.raises(ConfigError):
         SaverConfig(**{field: value}).validate()
