@@ -385,3 +385,40 @@ async def test_redis_back_without_its_last_writes_is_rebuilt(backing_stores, red
     finally:
         await saver.close()
         server.stop()
+
+
+async def test_a_saver_dying_mid_rebuild_is_taken_over(backing_stores, private_redis, redis_db):
+    """The rebuilding saver is killed (kill -9) half-way; its lock expires (1 s here) and the
+    other saver rebuilds from the start, while its callers wait."""
+    cfg = stores_for(backing_stores, private_redis, 7, "pylon_saver_rec_takeover")
+    env = {"PYLON_SAVER_REBUILD_CHUNK_ROWS": "5", "PYLON_SAVER_REBUILD_LOCK_TTL_S": "1"}
+    savers = [Saver(cfg, backing_stores[1], f"saver-rec-takeover{i}", env) for i in range(2)]
+    try:
+        redis = redis_db(cfg)
+        await wait_for_epoch(redis)
+        for _ in range(3):
+            await savers[0].store(*(msg(f"rt-{i % 50}") for i in range(1000)))
+        marks = [len(s.proc.log_text()) for s in savers]
+
+        await redis.flushdb()
+        deadline = time.monotonic() + 5
+        rebuilding = None
+        while rebuilding is None:
+            assert time.monotonic() < deadline, "no saver started a rebuild"
+            for s, mark in zip(savers, marks, strict=True):
+                if "rebuilding from MySQL" in s.proc.log_text()[mark:]:
+                    rebuilding = s
+            await asyncio.sleep(0.02)
+        survivor = savers[1] if rebuilding is savers[0] else savers[0]
+        rebuilding.proc.signal(signal.SIGKILL)
+        rebuilding.proc.proc.wait(5)
+        assert not await redis.exists(EPOCH_KEY)  # killed before it finished
+
+        got = await survivor.load("rt-49", timeout=15)
+        assert [m.seq for m in got] == list(range(1, 61))
+        assert await survivor.rebuilds() >= 1
+        assert await survivor.store(msg("rt-49")) == [61]
+    finally:
+        for s in savers:
+            await s.channel.close()
+            s.proc.stop()
