@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 
 READ_CHUNK = 65_536
@@ -54,12 +55,13 @@ async def _cancel_all() -> None:
 
 
 class _Pair:
-    __slots__ = ("client", "upstream", "tasks")
+    __slots__ = ("client", "upstream", "tasks", "peer")
 
     def __init__(self, client: asyncio.StreamWriter) -> None:
         self.client = client
         self.upstream: asyncio.StreamWriter | None = None
         self.tasks: list[asyncio.Task] = []
+        self.peer: tuple[str, int] = client.get_extra_info("peername")[:2]
 
     def abort(self) -> None:
         for w in (self.client, self.upstream):
@@ -79,6 +81,7 @@ class TcpProxy:
         self._pairs: set[_Pair] = set()
         self._held: set[asyncio.StreamWriter] = set()
         self._blackhole_until = 0.0
+        self._blackhole_only: Callable[[tuple[str, int]], bool] | None = None
         self.accepted = 0
         self.upstream_failures = 0
         self.cuts = 0
@@ -90,10 +93,11 @@ class TcpProxy:
         self._loop.call(self._start())
         return self
 
-    def cut(self, blackhole_s: float = 0.0) -> int:
-        """Abort every proxied connection now; black-hole new ones for ``blackhole_s``. Returns how
-        many connections were cut."""
-        return self._loop.call(self._cut(blackhole_s))
+    def cut(self, blackhole_s: float = 0.0, only: Callable[[tuple[str, int]], bool] | None = None) -> int:
+        """Abort every proxied connection now; black-hole new ones for ``blackhole_s``. With
+        ``only``, just the connections whose peer (host, port) it accepts, during the black hole
+        too. Returns how many connections were cut."""
+        return self._loop.call(self._cut(blackhole_s, only))
 
     def stop(self) -> None:
         self._loop.call(self._stop())
@@ -118,12 +122,13 @@ class TcpProxy:
             self._server = None
         await self._cut(0.0)
 
-    async def _cut(self, blackhole_s: float) -> int:
+    async def _cut(self, blackhole_s: float, only: Callable[[tuple[str, int]], bool] | None = None) -> int:
         if blackhole_s > 0:
             self._blackhole_until = time.monotonic() + blackhole_s
+            self._blackhole_only = only
             asyncio.get_running_loop().call_later(blackhole_s, self._end_blackhole)
-        pairs = list(self._pairs)
-        self._pairs.clear()
+        pairs = [p for p in self._pairs if only is None or only(p.peer)]
+        self._pairs.difference_update(pairs)
         for p in pairs:
             p.abort()
         self.cuts += 1
@@ -141,7 +146,9 @@ class TcpProxy:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        if time.monotonic() < self._blackhole_until:
+        only = self._blackhole_only
+        if time.monotonic() < self._blackhole_until and (only is None
+                                                         or only(writer.get_extra_info("peername")[:2])):
             writer.transport.pause_reading()
             self._held.add(writer)
             return

@@ -68,6 +68,14 @@ def _listen_inodes(host: str, port: int) -> set[str]:
     return inodes
 
 
+def _socket_inodes(host: str, port: int) -> set[str]:
+    """Inodes of the sockets (any state) whose local address is host:port, from /proc/net/tcp."""
+    want = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
+    with open("/proc/net/tcp") as fh:
+        next(fh)
+        return {parts[9] for parts in (line.split() for line in fh) if parts[1] == want}
+
+
 def _owns_socket(pid: int, inodes: set[str]) -> bool:
     fd_dir = f"/proc/{pid}/fd"
     try:
@@ -254,6 +262,11 @@ class FaultSystem:
 
     def room_instance_pids(self) -> list[int | None]:
         return [self.room_instance_pid(i) for i in range(self.room_instances)]
+
+    def from_rooms(self, peer: tuple[str, int]) -> bool:
+        """True if the connection from ``peer`` (a proxy's client side) belongs to a room instance."""
+        inodes = _socket_inodes(peer[0], peer[1])
+        return bool(inodes) and any(_owns_socket(pid, inodes) for pid in self.room_instance_pids() if pid)
 
     def problems(self) -> list[str]:
         """What is down right now (empty: every process is up and listening)."""

@@ -191,9 +191,11 @@ def _room_instance_restarted(e: Env, info: dict) -> None:
                            f"by its supervisor within {RECOVER_S} s")
 
 
-def cut(*proxies: str) -> tuple[Callable, Callable]:
+def cut(*proxies: str, rooms_only: bool = False) -> tuple[Callable, Callable]:
+    """Cut the paths through ``proxies``; with ``rooms_only`` just the room instances' connections."""
     def inject(e: Env, info: dict) -> None:
-        info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S) for p in proxies}
+        only = e.system.from_rooms if rooms_only else None
+        info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S, only) for p in proxies}
 
     def heal(e: Env, info: dict) -> None:
         time.sleep(BLACKHOLE_S)
@@ -240,8 +242,10 @@ FAULTS = [
     Fault("kill_redis", *kill_and_restart("redis"), ("redis", "register", "saver", "room", "center")),
     Fault("kill_mariadb", *kill_and_restart("mariadb"), ("mariadb", "saver", "center")),
     Fault("cut_client_room", _cut_client_room, cut()[1], ("room",)),
-    Fault("cut_room_register", *cut("register"), ("room", "register", "center")),
+    Fault("cut_room_register", *cut("register", rooms_only=True), ("room", "register")),
     Fault("cut_saver_redis", *cut("saver-redis"), ("saver", "room", "center")),
+    # beyond the list: every connection to register cut at once (center's and coordinator's too)
+    Fault("cut_register_all_clients", *cut("register"), ("room", "register", "center")),
     # beyond the kill list: Redis comes back empty (its disk lost); register's epoch changes, rooms
     # register their sessions again, the saver rebuilds the inboxes from MySQL
     Fault("redis_data_lost", _kill_redis_and_lose_data, _restart_empty_redis,
