@@ -229,14 +229,14 @@ async def test_sweep_deletes_long_expired_rows(stub, db):
         await asyncio.sleep(0.2)
 
 
-async def insert_stats(metrics_port: int) -> tuple[float, float]:
-    """(INSERT statements, rows inserted) so far, from the saver's /metrics."""
+async def insert_stats(metrics_port: int, op: str = "insert") -> tuple[float, float]:
+    """(statements, rows) of one kind of MySQL write so far, from the saver's /metrics."""
     body = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode())
-    stats = {}
+    stats = {"count": 0.0, "sum": 0.0}
     for line in body.splitlines():
         for part in ("count", "sum"):
-            if line.startswith(f'pylon_saver_mysql_batch_rows_{part}{{op="insert"}}'):
+            if line.startswith(f'pylon_saver_mysql_batch_rows_{part}{{op="{op}"}}'):
                 stats[part] = float(line.split()[-1])
     return stats["count"], stats["sum"]
 
@@ -249,6 +249,20 @@ async def test_concurrent_stores_share_mysql_inserts(stub, saver_proc):
     statements1, rows1 = await insert_stats(saver_proc[2])
     assert rows1 - rows0 == 1000
     assert statements1 - statements0 < 50  # rows of several RPCs share one INSERT
+
+
+async def test_concurrent_deliveries_and_acks_share_mysql_updates(stub, saver_proc, db):
+    batches = [[msg(f"sv-u{i}") for _ in range(10)] for i in range(40)]
+    await asyncio.gather(*(stub.Store(pb.StoreRequest(messages=b), timeout=10) for b in batches))
+    for op, call in (("deliver", stub.MarkDelivered), ("ack", stub.Ack)):
+        statements0, rows0 = await insert_stats(saver_proc[2], op)
+        replies = await asyncio.gather(*(call(pb.MessageRefs(refs=[ref(m) for m in b]), timeout=10) for b in batches))
+        assert [r.n for r in replies] == [10] * 40
+        statements1, rows1 = await insert_stats(saver_proc[2], op)
+        assert rows1 - rows0 == 400
+        assert statements1 - statements0 < 40, op  # refs of several RPCs share one UPDATE
+    r = await row(db, batches[-1][-1].msg_id)
+    assert (r[4], r[5]) == (2, 1)  # acked, after one counted delivery
 
 
 @pytest.mark.parametrize("call", [
