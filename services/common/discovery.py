@@ -115,6 +115,11 @@ class Discovery:
                 log.warning("discovery read of %s failed, using cache: %s", service, exc)
                 return cached[1]
             raise
+        if not found and cached and cached[1] and now - cached[0] < self.ttl_s:
+            # none at all where there were some within a TTL: Redis most likely lost its data
+            # (the records come back with the next heartbeats, within ttl_s / 3); keep the
+            # last list meanwhile rather than failing every call for "no live instance"
+            return cached[1]
         self._cache[service] = (now, found)
         return found
 

@@ -56,8 +56,9 @@ class RegisterServicer(internal_pb2_grpc.RegisterServicer):
             m.RPC_SECONDS.labels(method, outcome).observe(time.perf_counter() - started)
 
     async def Register(self, request, context):
-        n, epoch = await self._run("Register", len(request.sessions), context, self.store.register(request.sessions))
-        return internal_pb2.RegisterReply(n=n, epoch=epoch)
+        n, epoch, replaced = await self._run("Register", len(request.sessions), context,
+                                             self.store.register(request.sessions))
+        return internal_pb2.RegisterReply(n=n, epoch=epoch, replaced=replaced)
 
     async def Epoch(self, request, context):
         epoch = await self._run("Epoch", None, context, self.store.epoch())

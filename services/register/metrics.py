@@ -7,6 +7,8 @@ from prometheus_client import Counter, Gauge, Histogram
 REGISTERED = Counter("pylon_register_sessions_registered_total", "Sessions written by Register")
 UNREGISTERED = Counter("pylon_register_sessions_unregistered_total",
                        "Sessions removed, by the RPC that removed them", ["via"])
+REPLACED = Counter("pylon_register_sessions_replaced_total",
+                   "Sessions of another instance reported replaced by a new login of the same uid and device")
 LOOKUPS = Counter("pylon_register_lookups_total", "uids looked up")
 CORRUPT = Counter("pylon_register_corrupt_sessions_total", "Stored session values that did not parse (skipped)")
 REDIS_ERRORS = Counter("pylon_register_redis_errors_total", "RPCs failed because Redis was unreachable or erred")

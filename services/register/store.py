@@ -28,14 +28,19 @@ class SessionStore:
         self._unregister = Script(UNREGISTER_IF_OWNED)
         self.epochs = EpochTracker()
 
-    async def register(self, sessions: Sequence[internal_pb2.Session]) -> tuple[int, str]:
+    async def register(self, sessions: Sequence[internal_pb2.Session]
+                       ) -> tuple[int, str, list[internal_pb2.Session]]:
         """Write the sessions (idempotent: writing one again only overwrites it); returns how
-        many, and the epoch read after the writes (see ``services/register/epoch.py``)."""
+        many, the epoch read after the writes (see ``services/register/epoch.py``), and the
+        sessions of the same uid and device_id that other instances held before (to replace)."""
         keys.check_sessions("Register", sessions, self.max_items)
         if not sessions:
-            return 0, await self.epoch()
+            return 0, await self.epoch(), []
+        with_device = [s for s in sessions if s.device_id]
 
         def build(pipe) -> None:
+            for s in with_device:  # before the writes: what this login replaces
+                pipe.hgetall(keys.user_key(s.uid))
             for s in sessions:
                 pipe.hset(keys.user_key(s.uid), s.session_id, s.SerializeToString())
             for instance, names in _members_by_instance(sessions).items():  # one SADD per instance
@@ -46,7 +51,13 @@ class SessionStore:
         replies = await run_pipeline(self._redis, build)
         m.REGISTERED.inc(len(sessions))
         epoch = self.epochs.observe(replies[-2], replies[-1]) or await self.epoch()
-        return len(sessions), epoch
+        replaced = []
+        for s, fields in zip(with_device, replies[:len(with_device)], strict=True):
+            for old in self._parse(s.uid, fields):
+                if old.device_id == s.device_id and old.instance != s.instance and old.session_id != s.session_id:
+                    replaced.append(old)
+        m.REPLACED.inc(len(replaced))
+        return len(sessions), epoch, replaced
 
     async def epoch(self) -> str:
         """The current epoch, created if Redis holds none."""

@@ -54,6 +54,7 @@ class Backends(Protocol):
 class RoomBackends:
     def __init__(self, discovery, pool: ChannelPool, cfg: RoomConfig, deadline_s: float) -> None:
         self.on_epoch: Callable[[str], None] | None = None
+        self._tasks: set[asyncio.Task] = set()
         self.room_client = ServiceClient(discovery, pool, "room", igrpc.RoomStub, deadline_s)
         self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s)
         self.saver_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s)
@@ -80,7 +81,29 @@ class RoomBackends:
         reply = await self.register_client.call("Register", ipb.SessionBatch(sessions=sessions))
         if self.on_epoch is not None and reply.epoch:
             self.on_epoch(reply.epoch)
+        if reply.replaced:
+            task = asyncio.get_running_loop().create_task(self._kick_replaced(list(reply.replaced)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return [True] * len(sessions)
+
+    async def _kick_replaced(self, sessions: list[ipb.Session]) -> None:
+        """A login replaced sessions of the same device held by other instances: KICK them there
+        with reason ``replaced`` (DESIGN.md §3). An instance that is gone needs nothing."""
+        by_instance: dict[str, list[str]] = {}
+        for s in sessions:
+            by_instance.setdefault(s.instance, []).append(s.session_id)
+        rooms = {i.id: i.grpc for i in await self.room_client.instances()}
+        for instance, session_ids in by_instance.items():
+            target = rooms.get(instance)
+            if not target:
+                continue
+            try:
+                await self.room_client.call("Kick", ipb.KickRequest(session_ids=session_ids, reason="replaced"),
+                                            target=target)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("could not kick %d replaced sessions on %s: %s", len(session_ids), instance,
+                            exc.code().name)
 
     async def register_epoch(self) -> str:
         return (await self.register_client.call("Epoch", ipb.Empty())).epoch

@@ -88,12 +88,14 @@ class InstanceRequest(_message.Message):
     def __init__(self, instance: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("n", "epoch")
+    __slots__ = ("n", "epoch", "replaced")
     N_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     n: int
     epoch: str
-    def __init__(self, n: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
+    replaced: _containers.RepeatedCompositeFieldContainer[Session]
+    def __init__(self, n: _Optional[int] = ..., epoch: _Optional[str] = ..., replaced: _Optional[_Iterable[_Union[Session, _Mapping]]] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("messages",)
