@@ -69,11 +69,19 @@ def _listen_inodes(host: str, port: int) -> set[str]:
 
 
 def _socket_inodes(host: str, port: int) -> set[str]:
-    """Inodes of the sockets (any state) whose local address is host:port, from /proc/net/tcp."""
-    want = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}:{port:04X}"
-    with open("/proc/net/tcp") as fh:
-        next(fh)
-        return {parts[9] for parts in (line.split() for line in fh) if parts[1] == want}
+    """Inodes of the sockets (any state) whose local address is host:port: IPv4 sockets in
+    /proc/net/tcp, and dual-stack ones (gRPC's) as ::ffff:host in /proc/net/tcp6."""
+    v4 = f"{int.from_bytes(socket.inet_aton(host), 'little'):08X}"
+    wants = {"/proc/net/tcp": f"{v4}:{port:04X}", "/proc/net/tcp6": f"0000000000000000FFFF0000{v4}:{port:04X}"}
+    out = set()
+    for path, want in wants.items():
+        try:
+            with open(path) as fh:
+                next(fh)
+                out.update(parts[9] for parts in (line.split() for line in fh) if parts[1] == want)
+        except FileNotFoundError:
+            pass
+    return out
 
 
 def _owns_socket(pid: int, inodes: set[str]) -> bool:
