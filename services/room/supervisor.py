@@ -46,7 +46,7 @@ def _preload() -> None:
     """Import what an instance imports, before forking: the children share these pages."""
     from services.common import discovery, metrics, rpc  # noqa: F401
     from services.common.pb import client_pb2, internal_pb2_grpc  # noqa: F401
-    from services.room import app_cache, backends, connection, core, grpc_adapter  # noqa: F401
+    from services.room import app_cache, backends, connection, core, drain, grpc_adapter, resume, session  # noqa: F401
 
 
 def _die_with_parent() -> None:
