@@ -193,6 +193,20 @@ class LoadHarness:
                 client._recent = _CountingRecent(recent, st)
         return client
 
+    def add_client(self, name: str) -> str:
+        """Start one more client (a new uid) in the background; it joins the load, the probes and
+        the checks at once, connected or not. Returns its uid."""
+        return self.call(self._add_client(name), 10)
+
+    async def _add_client(self, name: str) -> str:
+        uid = f"fault-{self.run_id}-{name}"
+        self.stats[uid] = ClientStats(uid)
+        client = self.clients[uid] = self._client(uid)
+        self.uids.append(uid)
+        task = self.loop.create_task(client.start())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return uid
+
     def revive_closed(self) -> dict[str, str]:
         """Replace every client the SDK closed for good (kicked, refused) by a new one for the same
         uid; uid -> why the old one closed. The new client's dedupe starts empty."""

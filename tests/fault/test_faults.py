@@ -158,6 +158,7 @@ class Fault:
     inject: Callable[[Env, dict], None]   # records what it did in the dict
     heal: Callable[[Env, dict], None]     # returns once the fault is over (raises FaultSystemError if it is not)
     watch: tuple[str, ...] = ()           # services whose logs explain a failure
+    during: Callable[[Env, dict], None] | None = None  # what else happens while the fault lasts
 
 
 def kill_and_restart(name: str) -> tuple[Callable, Callable]:
@@ -224,6 +225,11 @@ def _restart_host(e: Env, info: dict) -> None:
     info["restart_s"] = round(time.monotonic() - t, 3)
 
 
+def _new_client(e: Env, info: dict) -> None:
+    """A client that connects while the fault lasts: its session must be registered once it is over."""
+    info["new_client"] = e.harness.add_client(f"late{len(e.harness.uids)}")
+
+
 def _rooms(e: Env) -> list[str]:
     return [f"room{i}" for i in range(e.system.room_instances)]
 
@@ -242,7 +248,7 @@ FAULTS = [
     Fault("kill_redis", *kill_and_restart("redis"), ("redis", "register", "saver", "room", "center")),
     Fault("kill_mariadb", *kill_and_restart("mariadb"), ("mariadb", "saver", "center")),
     Fault("cut_client_room", _cut_client_room, cut()[1], ("room",)),
-    Fault("cut_room_register", *cut("register", rooms_only=True), ("room", "register")),
+    Fault("cut_room_register", *cut("register", rooms_only=True), ("room", "register"), during=_new_client),
     Fault("cut_saver_redis", *cut("saver-redis"), ("saver", "room", "center")),
     # beyond the list: every connection to register cut at once (center's and coordinator's too)
     Fault("cut_register_all_clients", *cut("register"), ("room", "register", "center")),
@@ -306,6 +312,8 @@ def test_fault(env: Env, fault: Fault) -> None:
     info: dict = {}
     rec["fault_info"] = info
     fault.inject(e, info)
+    if fault.during is not None:
+        fault.during(e, info)
     try:
         fault.heal(e, info)
     except FaultSystemError as exc:
