@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -46,6 +47,10 @@ class Instance:
 
 def _zkey(service: str) -> str:
     return f"pylon:disc:{service}"
+
+
+def _gone_key(service: str, instance_id: str) -> str:
+    return f"pylon:disc:gone:{service}:{instance_id}"
 
 
 def _hkey(service: str) -> str:
@@ -82,6 +87,8 @@ class Discovery:
             self._mine.pop((i.service, i.id), None)
             pipe.zrem(_zkey(i.service), i.id)
             pipe.hdel(_hkey(i.service), i.id)
+            # readers that find no instance at all tell a withdrawal from a Redis data loss by this
+            pipe.set(_gone_key(i.service, i.id), 1, ex=max(1, math.ceil(self.ttl_s)))
         try:
             await pipe.execute()
         except Exception as exc:  # shutting down with Redis away must still shut down
@@ -116,12 +123,22 @@ class Discovery:
                 return cached[1]
             raise
         if not found and cached and cached[1] and now - cached[0] < self.ttl_s:
-            # none at all where there were some within a TTL: Redis most likely lost its data
-            # (the records come back with the next heartbeats, within ttl_s / 3); keep the
-            # last list meanwhile rather than failing every call for "no live instance"
-            return cached[1]
+            # None at all where there were some within a TTL. Those that did not withdraw are
+            # kept until their records would have expired anyway: when Redis lost its data they
+            # come back with their next heartbeat (within ttl_s / 3), and calls meanwhile do not
+            # all fail for "no live instance".
+            kept = await self._not_withdrawn(service, cached[1])
+            if kept:
+                return kept
         self._cache[service] = (now, found)
         return found
+
+    async def _not_withdrawn(self, service: str, instances: list[Instance]) -> list[Instance]:
+        try:
+            gone = await self._redis.mget([_gone_key(service, i.id) for i in instances])
+        except Exception:
+            return []
+        return [i for i, g in zip(instances, gone, strict=True) if not g]
 
     async def _read(self, service: str) -> list[Instance]:
         now_ms = int(time.time() * 1000)

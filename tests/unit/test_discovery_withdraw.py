@@ -15,6 +15,9 @@ class DeadRedis:
     def hdel(self, *a):
         pass
 
+    def set(self, *a, **kw):
+        pass
+
     async def execute(self):
         raise ConnectionError("Error 111 connecting to 127.0.0.1:6379")
 
