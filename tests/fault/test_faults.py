@@ -238,6 +238,10 @@ def _cut_client_room(e: Env, info: dict) -> None:
     info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S) for p in _rooms(e)}
 
 
+def _cut_room_grpc(e: Env, info: dict) -> None:
+    info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S) for p in (f"{r}-grpc" for r in _rooms(e))}
+
+
 FAULTS = [
     Fault("kill_room_instance", _kill_room_instance, _room_instance_restarted, ("room",)),
     Fault("kill_register", *kill_and_restart("register"), ("register", "room", "center")),
@@ -252,6 +256,9 @@ FAULTS = [
     Fault("cut_saver_redis", *cut("saver-redis"), ("saver", "room", "center")),
     # beyond the list: every connection to register cut at once (center's and coordinator's too)
     Fault("cut_register_all_clients", *cut("register"), ("room", "register", "center")),
+    # beyond the list: the internal gRPC path to the room instances (center's Room.Push) cut while
+    # the clients stay connected
+    Fault("cut_center_room", _cut_room_grpc, cut()[1], ("center", "room")),
     # beyond the kill list: Redis comes back empty (its disk lost); register's epoch changes, rooms
     # register their sessions again, the saver rebuilds the inboxes from MySQL
     Fault("redis_data_lost", _kill_redis_and_lose_data, _restart_empty_redis,
