@@ -17,6 +17,9 @@ FRAME_HEADROOM_BYTES = 1024
 class CenterConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    # processes serving `port` together (SO_REUSEPORT; the kernel spreads connections over them).
+    # One process is one core (DESIGN.md §2): a host with spare cores runs one per core it gives center.
+    processes: int = 1
     # 0 = /metrics only on the API port; otherwise also a bare metrics listener on this port
     metrics_port: int = 0
     # Bearer key for /v1/apps and for acting on behalf of any app; empty disables admin routes
@@ -24,6 +27,8 @@ class CenterConfig:
     # whole request body; a 60 KiB payload in base64 (80 KiB) plus 1000 uids of 128 chars fits in 1 MiB
     max_body_bytes: int = 1024 * 1024
     max_uids_per_push: int = 1000
+    # messages of the batch form (DESIGN.md §5: up to 1,000); 1,000 messages of 512 bytes are ~0.6 MiB of body
+    max_messages_per_push: int = 1000
     max_payload_bytes: int = 60 * 1024
     max_uid_len: int = 128
     default_ttl_s: int = 7 * 24 * 3600
@@ -51,7 +56,9 @@ class CenterConfig:
         require(0 <= self.metrics_port < 65536, "center.metrics_port", "must be a TCP port or 0")
         require(not self.admin_key or len(self.admin_key) >= 8, "center.admin_key", "must be empty or >= 8 characters")
         require(1024 <= self.max_body_bytes <= 64 * 1024 * 1024, "center.max_body_bytes", "must be 1 KiB .. 64 MiB")
+        require(1 <= self.processes <= 64, "center.processes", "must be 1 .. 64")
         require(1 <= self.max_uids_per_push <= 100_000, "center.max_uids_per_push", "must be 1 .. 100000")
+        require(1 <= self.max_messages_per_push <= 10_000, "center.max_messages_per_push", "must be 1 .. 10000")
         require(1 <= self.max_payload_bytes <= MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES, "center.max_payload_bytes",
                 f"must be 1 .. {MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES} (a payload must fit in one 64 KiB frame)")
         require(1 <= self.max_uid_len <= 128, "center.max_uid_len", "must be 1 .. 128 (the messages.uid column)")

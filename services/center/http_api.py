@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.center import validation
 from services.center.app_registry import AppRegistry, app_view
 from services.center.auth import Authenticator, Principal
+from services.center.batch_push import push_messages
 from services.center.http_errors import json_response, make_middleware
 from services.center.messages import MessageQuery, state_view
 from services.center.push import PushService
@@ -105,9 +106,12 @@ class CenterApi:
 
     async def push(self, request: web.Request) -> web.Response:
         principal = await self._principal(request)
-        body = validation.push_body(await self._body(request), self.p.limits)
+        body = validation.push_request(await self._body(request), self.p.limits)
         app = await self.p.auth.target_app(principal, body.app)
-        result = await self.p.push.push(app, body.uids, body.payload, body.ttl_s)
+        if isinstance(body, validation.BatchPushBody):
+            result = await push_messages(self.p.push, app, body.messages)
+        else:
+            result = await self.p.push.push(app, body.uids, body.payload, body.ttl_s)
         return json_response({"msg_ids": [str(i) for i in result.msg_ids], "online": result.online,
                               "delivered": result.delivered})
 

@@ -46,8 +46,12 @@ def json_response(data: object, status: int = 200, headers: dict[str, str] | Non
                         content_type="application/json", headers=headers)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   index: int | None = None) -> web.Response:
+    error: dict[str, object] = {"code": code, "message": message}
+    if index is not None:
+        error["index"] = index  # which message of a batch-form push was refused
+    return json_response({"error": error}, status, headers)
 
 
 def status_of(exc: CenterError) -> int:
@@ -61,7 +65,7 @@ def _render(exc: CenterError) -> web.Response:
     headers = None
     if exc.retry_after_s is not None:
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return error_response(status_of(exc), exc.code, exc.message, headers)
+    return error_response(status_of(exc), exc.code, exc.message, headers, getattr(exc, "index", None))
 
 
 def _route_name(request: web.Request) -> str:

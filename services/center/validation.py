@@ -29,6 +29,7 @@ MAX_ID = (1 << 64) - 1
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_uids: int = 1000
+    max_messages: int = 1000
     max_payload_bytes: int = 60 * 1024
     max_uid_len: int = 128
     default_ttl_s: int = 7 * 24 * 3600
@@ -38,7 +39,8 @@ class Limits:
 
     @classmethod
     def from_config(cls, cfg: CenterConfig) -> Limits:
-        return cls(max_uids=cfg.max_uids_per_push, max_payload_bytes=cfg.max_payload_bytes,
+        return cls(max_uids=cfg.max_uids_per_push, max_messages=cfg.max_messages_per_push,
+                   max_payload_bytes=cfg.max_payload_bytes,
                    max_uid_len=cfg.max_uid_len, default_ttl_s=cfg.default_ttl_s, max_ttl_s=cfg.max_ttl_s,
                    token_ttl_s=cfg.token_ttl_s, max_token_ttl_s=cfg.max_token_ttl_s)
 
@@ -49,6 +51,21 @@ class PushBody:
     uids: tuple[str, ...]
     payload: bytes
     ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchMessage:
+    uid: str
+    payload: bytes
+    ttl_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPushBody:
+    """The batch form of POST /v1/push: a payload (and TTL) per message."""
+
+    app: str | None
+    messages: tuple[BatchMessage, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +154,9 @@ def _check_text(what: str, value: str, max_len: int) -> None:
         raise InvalidRequest(f"{what} is not valid Unicode (lone surrogate)", f"bad_{what}") from None
 
 
-def _int(data: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+def _int(data: dict[str, Any], key: str, default: int, lo: int, hi: int, where: str = "") -> int:
     value = data.get(key)
+    name = f"{where}{key}" if where else f'"{key}"'
     if value is None:
         return default
     # bool is an int in Python; true/false is not a number in JSON
@@ -146,9 +164,9 @@ def _int(data: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
-            raise InvalidRequest(f'"{key}" must be an integer', f"bad_{key}")
+            raise InvalidRequest(f"{name} must be an integer", f"bad_{key}")
     if not lo <= value <= hi:
-        raise InvalidRequest(f'"{key}" must be between {lo} and {hi}', f"bad_{key}")
+        raise InvalidRequest(f"{name} must be between {lo} and {hi}", f"bad_{key}")
     return value
 
 
@@ -180,57 +198,86 @@ def check_uid(uid: Any, limits: Limits, where: str = "uid") -> str:
     # control characters would break Redis member encodings ("{uid}\x00{session}") and logs
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uid):
         raise InvalidRequest(f"{where} contains control characters", "bad_uid")
-    _check_text("uid", uid, limits.max_uid_len)
+    try:
+        uid.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{where} is not valid Unicode (lone surrogate)", "bad_uid") from None
     return uid
 
 
-def payload_field(data: dict[str, Any], limits: Limits) -> bytes:
-    """"payload" (text, sent as UTF-8) or "payload_b64" (standard base64), exactly one."""
+def payload_field(data: dict[str, Any], limits: Limits, where: str = "") -> bytes:
+    """"payload" (text, sent as UTF-8) or "payload_b64" (standard base64), exactly one.
+
+    ``where`` prefixes the field names in error messages ("messages[17]." in the batch form)."""
     text, b64 = data.get("payload"), data.get("payload_b64")
+    text_name, b64_name = (f"{where}payload", f"{where}payload_b64") if where else ('"payload"', '"payload_b64"')
     if text is not None and b64 is not None:
-        raise InvalidRequest('give either "payload" or "payload_b64", not both', "bad_payload")
+        raise InvalidRequest(f"{where}payload and payload_b64 are both given; give one of them" if where else
+                             'give either "payload" or "payload_b64", not both', "bad_payload")
     if text is None and b64 is None:
-        raise InvalidRequest('"payload" (text) or "payload_b64" (base64) is required', "missing_payload")
+        raise InvalidRequest(f'{text_name} (text) or {b64_name} (base64) is required', "missing_payload")
     if text is not None:
         if not isinstance(text, str):
-            raise InvalidRequest('"payload" must be a string; use "payload_b64" for binary data', "bad_payload")
-        # cheap pre-check before encoding: a UTF-8 character is at most 4 bytes
-        if len(text) > limits.max_payload_bytes:
-            raise _too_large(len(text), limits)
-        try:
-            payload = text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest('"payload" is not valid Unicode (lone surrogate)', "bad_payload") from None
-    else:
-        if not isinstance(b64, str):
-            raise InvalidRequest('"payload_b64" must be a base64 string', "bad_payload_b64")
-        if len(b64) > (limits.max_payload_bytes + 2) // 3 * 4 + 4:
-            raise _too_large(len(b64) * 3 // 4, limits)
-        try:
-            payload = base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidRequest('"payload_b64" is not valid base64', "bad_payload_b64") from None
+            raise InvalidRequest(f'{text_name} must be a string; use "payload_b64" for binary data', "bad_payload")
+        return text_payload(text, limits, text_name)
+    if not isinstance(b64, str):
+        raise InvalidRequest(f'{b64_name} must be a base64 string', "bad_payload_b64")
+    return b64_payload(b64, limits, b64_name)
+
+
+def text_payload(text: str, limits: Limits, name: str = '"payload"') -> bytes:
+    # cheap pre-check before encoding: a UTF-8 character is at most 4 bytes
+    if len(text) > limits.max_payload_bytes:
+        raise _too_large(len(text), limits, name)
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f'{name} is not valid Unicode (lone surrogate)', "bad_payload") from None
     if len(payload) > limits.max_payload_bytes:
-        raise _too_large(len(payload), limits)
+        raise _too_large(len(payload), limits, name)
     return payload
 
 
-def _too_large(size: int, limits: Limits) -> PayloadTooLarge:
-    return PayloadTooLarge(f"payload is {size} bytes; the limit is {limits.max_payload_bytes} bytes after decoding")
+def b64_payload(b64: str, limits: Limits, name: str = '"payload_b64"') -> bytes:
+    if len(b64) > (limits.max_payload_bytes + 2) // 3 * 4 + 4:
+        raise _too_large(len(b64) * 3 // 4, limits, name)
+    try:
+        payload = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f'{name} is not valid base64', "bad_payload_b64") from None
+    if len(payload) > limits.max_payload_bytes:
+        raise _too_large(len(payload), limits, name)
+    return payload
 
 
-def ttl_field(data: dict[str, Any], limits: Limits) -> int:
-    return _int(data, "ttl_s", limits.default_ttl_s, 1, limits.max_ttl_s)
+def _too_large(size: int, limits: Limits, name: str = "payload") -> PayloadTooLarge:
+    name = name.strip('"').removesuffix("_b64")
+    return PayloadTooLarge(f"{name} is {size} bytes; the limit is {limits.max_payload_bytes} bytes after decoding")
+
+
+def ttl_field(data: dict[str, Any], limits: Limits, default: int | None = None, where: str = "") -> int:
+    return _int(data, "ttl_s", limits.default_ttl_s if default is None else default, 1, limits.max_ttl_s, where)
 
 
 # ---------------------------------------------------------------- bodies
+
+
+def push_request(data: dict[str, Any], limits: Limits) -> PushBody | BatchPushBody:
+    """POST /v1/push in either form: "uids" (one payload for many users) or "messages" (the batch form)."""
+    if data.get("messages") is None:
+        return push_body(data, limits)
+    if data.get("uids") is not None:
+        raise InvalidRequest('give either "uids" (one payload for many users) or "messages" (a payload per '
+                             'message), not both', "bad_push_form")
+    return batch_push_body(data, limits)
 
 
 def push_body(data: dict[str, Any], limits: Limits) -> PushBody:
     app = app_field(data)
     uids = data.get("uids")
     if uids is None:
-        raise InvalidRequest('"uids" is required (a list of user ids)', "missing_uids")
+        raise InvalidRequest('"uids" (a list of user ids) or "messages" (a list of {"uid", "payload"}) is required',
+                             "missing_uids")
     if not isinstance(uids, list):
         raise InvalidRequest('"uids" must be a list of strings', "bad_uids")
     if not uids:
@@ -239,6 +286,44 @@ def push_body(data: dict[str, Any], limits: Limits) -> PushBody:
         raise InvalidRequest(f'"uids" has {len(uids)} entries; at most {limits.max_uids} per request', "too_many_uids")
     checked = tuple(check_uid(u, limits, f"uids[{i}]") for i, u in enumerate(uids))
     return PushBody(app, checked, payload_field(data, limits), ttl_field(data, limits))
+
+
+def batch_push_body(data: dict[str, Any], limits: Limits) -> BatchPushBody:
+    """The batch form. All or nothing: the first bad message fails the whole request, and its
+    error names the message's index (in the text, and as ``index`` on the error)."""
+    app = app_field(data)
+    if data.get("payload") is not None or data.get("payload_b64") is not None:
+        raise InvalidRequest('in the batch form each message carries its own "payload" or "payload_b64"',
+                             "bad_payload")
+    default_ttl = ttl_field(data, limits)
+    messages = data.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidRequest('"messages" must be a list of objects {"uid", "payload" or "payload_b64"}',
+                             "bad_messages")
+    if not messages:
+        raise InvalidRequest('"messages" must not be empty', "bad_messages")
+    if len(messages) > limits.max_messages:
+        raise InvalidRequest(f'"messages" has {len(messages)} entries; at most {limits.max_messages} per request',
+                             "too_many_messages")
+    checked = []
+    for i, m in enumerate(messages):
+        try:
+            checked.append(batch_message(m, limits, default_ttl, f"messages[{i}]."))
+        except (InvalidRequest, PayloadTooLarge) as exc:
+            exc.index = i  # type: ignore[attr-defined]  # rendered as error.index
+            raise
+    return BatchPushBody(app, tuple(checked))
+
+
+def batch_message(m: Any, limits: Limits, default_ttl: int, where: str) -> BatchMessage:
+    if not isinstance(m, dict):
+        raise InvalidRequest(f'{where.rstrip(".")} must be an object {{"uid", "payload" or "payload_b64"}}',
+                             "bad_message")
+    uid = m.get("uid")
+    if uid is None:
+        raise InvalidRequest(f"{where}uid is required", "missing_uid")
+    return BatchMessage(check_uid(uid, limits, f"{where}uid"), payload_field(m, limits, where),
+                        ttl_field(m, limits, default_ttl, where))
 
 
 def broadcast_body(data: dict[str, Any], limits: Limits) -> BroadcastBody:

@@ -275,6 +275,123 @@ async def test_multicast_ids_in_order_and_sequences_per_user(center, app):
     assert states[5]["seq"] == states[0]["seq"] + 1
 
 
+async def test_batch_form_thousand_messages_ids_in_order(center, app):
+    """1,000 messages with their own uids, payloads (text and base64) and TTLs: one id each, in order."""
+    users = [uid() for _ in range(10)]
+    messages = []
+    for i in range(1000):
+        m = {"uid": users[i % 10]}
+        if i % 2:
+            m["payload_b64"] = base64.b64encode(i.to_bytes(2, "big") + b"\x00\xff").decode()
+        else:
+            m["payload"] = f"text {i} \u20ac"
+        if i % 3 == 0:
+            m["ttl_s"] = 100 + i
+        messages.append(m)
+    status, body, _ = await call(center, "POST", "/v1/push", {"app": app["id"], "messages": messages, "ttl_s": 90},
+                                 key=app["api_key"])
+    assert status == 200, body
+    ids = body["msg_ids"]
+    assert len(ids) == 1000 and len(set(ids)) == 1000 and all(isinstance(i, str) and i.isdigit() for i in ids)
+    assert [int(i) for i in ids] == sorted(int(i) for i in ids)
+    assert body["online"] == 0 and body["delivered"] == 0
+    for i in (0, 1, 3, 500, 998, 999):
+        status, state, _ = await call(center, "GET", f"/v1/messages/{ids[i]}", key=app["api_key"])
+        assert status == 200, state
+        assert state["uid"] == users[i % 10] and state["state"] == "stored" and state["app"] == app["id"]
+        assert state["expires_ms"] - state["created_ms"] == (100 + i if i % 3 == 0 else 90) * 1000
+        # the tenth message of each user: sequences follow the order within the batch
+        assert state["seq"] == i // 10 + 1
+
+
+async def test_batch_form_payloads_arrive_intact(center, app, redis):
+    """What the saver stored is exactly the decoded payload of each message."""
+    from services.saver import keys
+
+    user = uid()
+    blobs = [b"\x00\x01binary\xff", "caf\u00e9".encode(), b""]
+    status, body, _ = await call(center, "POST", "/v1/push", {"messages": [
+        {"uid": user, "payload_b64": base64.b64encode(blobs[0]).decode()},
+        {"uid": user, "payload": "caf\u00e9"},
+        {"uid": user, "payload": ""},
+    ]}, key=app["api_key"])
+    assert status == 200, body
+    assert len(body["msg_ids"]) == 3
+    stored = await redis.zrange(keys.inbox_key(user, app["id"]), 0, -1)
+    assert sorted(int(m) for m in stored) == [int(i) for i in body["msg_ids"]]
+    for msg_id, blob in zip(body["msg_ids"], blobs, strict=True):
+        assert await redis.hget(keys.message_key(int(msg_id)), "payload") == blob
+
+
+@pytest.mark.parametrize("bad, status_code, code", [
+    ({"uid": "placeholder", "payload_b64": "%%% not base64"}, 400, "bad_payload_b64"),
+    ({"uid": "placeholder", "payload": "x", "payload_b64": "eA=="}, 400, "bad_payload"),
+    ({"uid": "placeholder"}, 400, "missing_payload"),
+    ({"payload": "no uid"}, 400, "missing_uid"),
+    ({"uid": ["not", "a", "string"], "payload": "x"}, 400, "bad_uid"),
+    ({"uid": "placeholder", "payload": {"nested": 1}}, 400, "bad_payload"),
+    ({"uid": "placeholder", "payload": "x", "ttl_s": 0}, 400, "bad_ttl_s"),
+    ("just a string", 400, "bad_message"),
+    ({"uid": "placeholder", "payload": "x" * (60 * 1024 + 1)}, 413, "payload_too_large"),
+])
+async def test_batch_form_one_bad_message_fails_all_and_stores_nothing(center, app, redis, bad, status_code, code):
+    from services.saver import keys
+
+    users = [uid() for _ in range(30)]
+    messages = [{"uid": u, "payload": "fine"} for u in users]
+    if isinstance(bad, dict) and bad.get("uid") == "placeholder":
+        bad = {**bad, "uid": users[17]}
+    messages[17] = bad
+    status, body, _ = await call(center, "POST", "/v1/push", {"messages": messages}, key=app["api_key"])
+    assert status == status_code, body
+    assert body["error"]["code"] == code and body["error"]["index"] == 17, body
+    assert body["error"]["message"].startswith("messages[17]"), body
+    for u in users:
+        assert not await redis.exists(keys.inbox_key(u, app["id"]))
+    # the users' sequences never moved: their first stored message is number 1
+    status, body, _ = await call(center, "POST", "/v1/push", {"uids": [users[0]], "payload": "after"},
+                                 key=app["api_key"])
+    status, state, _ = await call(center, "GET", f"/v1/messages/{body['msg_ids'][0]}", key=app["api_key"])
+    assert state["seq"] == 1, state
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"messages": []}, "bad_messages"),
+    ({"messages": "u1"}, "bad_messages"),
+    ({"messages": [{"uid": f"u{i}", "payload": "p"} for i in range(1001)]}, "too_many_messages"),
+    ({"messages": [{"uid": "u", "payload": "p"}], "uids": ["u"]}, "bad_push_form"),
+    ({"messages": [{"uid": "u", "payload": "p"}], "payload": "top level"}, "bad_payload"),
+    ({"messages": [{"uid": "u", "payload": "p"}], "ttl_s": "soon"}, "bad_ttl_s"),
+])
+async def test_bad_batch_forms(center, app, body, code):
+    status, reply, _ = await call(center, "POST", "/v1/push", body, key=app["api_key"])
+    assert_error(status, reply, 400, code)
+
+
+async def test_batch_form_to_an_online_user_on_an_unreachable_room(center, app, redis):
+    """Multicast rules hold for the batch form: online counts users, a dead room keeps messages stored."""
+    user, other = uid(), uid()
+    discovery = Discovery(redis, ttl_s=30)
+    dead_room = Instance(service="room", id="room-cit-dead-batch", host="127.0.0.1", port=1, grpc="127.0.0.1:1",
+                         capacity=100)
+    await discovery.announce(dead_room)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{center.register_port}")
+    stub = pbg.RegisterStub(channel)
+    session = pb.Session(uid=user, session_id="s-" + user, instance=dead_room.id, apps=[app["id"]], device_id="d1",
+                         connected_ms=int(time.time() * 1000), net="wifi")
+    try:
+        await stub.Register(pb.SessionBatch(sessions=[session]), timeout=5)
+        status, body, _ = await call(center, "POST", "/v1/push", {"messages": [
+            {"uid": user, "payload": "one"}, {"uid": other, "payload": "two"}, {"uid": user, "payload": "three"}]},
+            key=app["api_key"])
+        assert status == 200, body
+        assert len(body["msg_ids"]) == 3 and body["online"] == 1 and body["delivered"] == 0
+    finally:
+        await stub.Unregister(pb.SessionBatch(sessions=[session]), timeout=5)
+        await channel.close()
+        await discovery.withdraw()
+
+
 async def test_unknown_and_malformed_message_ids(center, app):
     status, body, _ = await call(center, "GET", "/v1/messages/123456789", key=app["api_key"])
     assert_error(status, body, 404, "unknown_message")

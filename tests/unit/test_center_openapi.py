@@ -58,3 +58,24 @@ def test_error_statuses():
     assert status_of(errors.PayloadTooLarge("x")) == 413
     assert status_of(errors.RateLimited("x", 1.0)) == 429
     assert status_of(errors.BackendUnavailable("x")) == 503
+
+
+def test_push_documents_both_forms_with_the_configured_limits():
+    from services.center.config import CenterConfig
+
+    doc = json.loads(OPENAPI.read_text())
+    schemas = doc["components"]["schemas"]
+    body = doc["paths"]["/v1/push"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/PushRequest"}
+    forms = {ref["$ref"].rsplit("/", 1)[1] for ref in schemas["PushRequest"]["oneOf"]}
+    assert forms == {"UnicastPushRequest", "BatchPushRequest"}
+    cfg = CenterConfig()
+    assert schemas["UnicastPushRequest"]["properties"]["uids"]["maxItems"] == cfg.max_uids_per_push
+    batch = schemas["BatchPushRequest"]
+    assert batch["required"] == ["messages"]
+    assert batch["properties"]["messages"]["maxItems"] == cfg.max_messages_per_push
+    assert batch["properties"]["messages"]["items"] == {"$ref": "#/components/schemas/BatchMessage"}
+    message = schemas["BatchMessage"]
+    assert set(message["properties"]) == {"uid", "payload", "payload_b64", "ttl_s"} and message["required"] == ["uid"]
+    assert message["properties"]["uid"]["maxLength"] == cfg.max_uid_len
+    assert "index" in schemas["Error"]["properties"]["error"]["properties"]

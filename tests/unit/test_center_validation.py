@@ -140,3 +140,94 @@ def test_bad_center_config(values, needle):
     with pytest.raises(ConfigError) as err:
         build(CenterConfig, "center", values, {})
     assert needle in str(err.value)
+
+
+# ---------------------------------------------------------------- batch form of POST /v1/push
+
+BATCH_LIMITS = v.Limits(max_uids=3, max_messages=4, max_payload_bytes=10, max_uid_len=8, default_ttl_s=60,
+                        max_ttl_s=3600)
+
+
+def batch_error(data):
+    with pytest.raises((InvalidRequest, PayloadTooLarge)) as err:
+        v.push_request(data, BATCH_LIMITS)
+    return type(err.value).__name__, err.value.code, getattr(err.value, "index", None), err.value.message
+
+
+def test_batch_form_payloads_and_ttls_in_order():
+    body = v.push_request({"app": "a1", "ttl_s": 30, "messages": [
+        {"uid": "u1", "payload": "hi"},
+        {"uid": "u2", "payload_b64": base64.b64encode(b"\x00\xff").decode(), "ttl_s": 5},
+        {"uid": "u1", "payload": "", "extra": True},
+    ]}, BATCH_LIMITS)
+    assert body == v.BatchPushBody("a1", (v.BatchMessage("u1", b"hi", 30), v.BatchMessage("u2", b"\x00\xff", 5),
+                                          v.BatchMessage("u1", b"", 30)))
+    # without a top-level ttl_s a message gets the default
+    assert v.push_request({"messages": [{"uid": "u", "payload": "x"}]}, BATCH_LIMITS).messages[0].ttl_s == 60
+
+
+def test_uids_form_still_goes_through_push_request():
+    assert v.push_request({"uids": ["u"], "payload": "p"}, BATCH_LIMITS) == v.PushBody(None, ("u",), b"p", 60)
+    assert v.push_request({"uids": ["u"], "payload": "p", "messages": None}, BATCH_LIMITS).uids == ("u",)
+
+
+def ok(i):
+    return {"uid": f"u{i}", "payload": "p"}
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"messages": "nope"}, ("InvalidRequest", "bad_messages", None)),
+    ({"messages": {"uid": "u"}}, ("InvalidRequest", "bad_messages", None)),
+    ({"messages": []}, ("InvalidRequest", "bad_messages", None)),
+    ({"messages": [ok(i) for i in range(5)]}, ("InvalidRequest", "too_many_messages", None)),
+    ({"messages": [ok(0)], "uids": ["u"]}, ("InvalidRequest", "bad_push_form", None)),
+    ({"messages": [ok(0)], "payload": "top"}, ("InvalidRequest", "bad_payload", None)),
+    ({"messages": [ok(0)], "ttl_s": 0}, ("InvalidRequest", "bad_ttl_s", None)),
+    ({"messages": [ok(0)], "app": 5}, ("InvalidRequest", "bad_app", None)),
+    ({"messages": [ok(0), "u1"]}, ("InvalidRequest", "bad_message", 1)),
+    ({"messages": [ok(0), ok(1), None]}, ("InvalidRequest", "bad_message", 2)),
+    ({"messages": [ok(0), {"payload": "x"}]}, ("InvalidRequest", "missing_uid", 1)),
+    ({"messages": [{"uid": 7, "payload": "x"}]}, ("InvalidRequest", "bad_uid", 0)),
+    ({"messages": [{"uid": "", "payload": "x"}]}, ("InvalidRequest", "bad_uid", 0)),
+    ({"messages": [{"uid": "123456789", "payload": "x"}]}, ("InvalidRequest", "bad_uid", 0)),
+    ({"messages": [{"uid": "a\nb", "payload": "x"}]}, ("InvalidRequest", "bad_uid", 0)),
+    ({"messages": [{"uid": "\ud800", "payload": "x"}]}, ("InvalidRequest", "bad_uid", 0)),
+    ({"messages": [ok(0), {"uid": "u"}]}, ("InvalidRequest", "missing_payload", 1)),
+    ({"messages": [{"uid": "u", "payload": "x", "payload_b64": "eA=="}]}, ("InvalidRequest", "bad_payload", 0)),
+    ({"messages": [{"uid": "u", "payload": ["x"]}]}, ("InvalidRequest", "bad_payload", 0)),
+    ({"messages": [{"uid": "u", "payload": "\udc00"}]}, ("InvalidRequest", "bad_payload", 0)),
+    ({"messages": [ok(0), ok(1), ok(2), {"uid": "u", "payload_b64": "not base64!"}]},
+     ("InvalidRequest", "bad_payload_b64", 3)),
+    ({"messages": [{"uid": "u", "payload_b64": 12}]}, ("InvalidRequest", "bad_payload_b64", 0)),
+    ({"messages": [{"uid": "u", "payload": "x" * 11}]}, ("PayloadTooLarge", "payload_too_large", 0)),
+    ({"messages": [ok(0), {"uid": "u", "payload_b64": base64.b64encode(b"y" * 11).decode()}]},
+     ("PayloadTooLarge", "payload_too_large", 1)),
+    ({"messages": [{"uid": "u", "payload": "x", "ttl_s": 3601}]}, ("InvalidRequest", "bad_ttl_s", 0)),
+    ({"messages": [{"uid": "u", "payload": "x", "ttl_s": "60"}]}, ("InvalidRequest", "bad_ttl_s", 0)),
+    ({"messages": [{"uid": "u", "payload": "x", "ttl_s": False}]}, ("InvalidRequest", "bad_ttl_s", 0)),
+])
+def test_batch_form_rejections(data, expected):
+    kind, code, index, message = batch_error(data)
+    assert (kind, code, index) == expected, message
+    if index is not None:
+        assert message.startswith(f"messages[{index}]"), message
+
+
+def test_batch_form_error_messages_name_the_field():
+    _, _, _, message = batch_error({"messages": [ok(0), {"uid": "u", "payload_b64": "%%"}]})
+    assert message == "messages[1].payload_b64 is not valid base64"
+    _, _, _, message = batch_error({"messages": [{"uid": "u", "payload": "x" * 11}]})
+    assert message == "messages[0].payload is 11 bytes; the limit is 10 bytes after decoding"
+    _, _, _, message = batch_error({"messages": [{"uid": "u", "payload": "x", "ttl_s": 0}]})
+    assert message == "messages[0].ttl_s must be between 1 and 3600"
+
+
+def test_batch_form_at_its_limits():
+    body = v.push_request({"messages": [{"uid": "u", "payload": "x" * 10, "ttl_s": 3600.0}] * 4}, BATCH_LIMITS)
+    assert len(body.messages) == 4 and body.messages[0].ttl_s == 3600
+
+
+def test_max_messages_follows_the_config():
+    assert v.Limits.from_config(CenterConfig(max_messages_per_push=7)).max_messages == 7
+    with pytest.raises(ConfigError):
+        build(CenterConfig, "center", {"max_messages_per_push": 0}, {})
