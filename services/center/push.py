@@ -21,6 +21,7 @@ from services.center import telemetry
 from services.center.backend import BACKEND_ERRORS, describe, unavailable
 from services.center.errors import Overloaded, RateLimited
 from services.center.ratelimit import RateLimiter
+from services.center.redelivery import Redelivery
 from services.common.apps import App
 from services.common.ids import IdGenerator
 from services.common.pb import internal_pb2 as pb
@@ -109,6 +110,7 @@ class PushService:
         self.max_in_flight_bytes = max_in_flight_bytes
         self._in_flight_bytes = 0
         self._clock = clock
+        self.redelivery = Redelivery(self.deliver_again)
 
     def _admit(self, app: App, cost: int) -> None:
         wait = self.limiter.check(app.id, app.push_rate_per_s, cost)
@@ -142,9 +144,9 @@ class PushService:
             messages = [pb.StoredMessage(msg_id=i, uid=u, app=app.id, payload=payload, created_ms=now_ms,
                                          ttl_s=ttl_s) for i, u in zip(msg_ids, uids, strict=True)]
             await self._store(messages)
-            users = await self._lookup(list(dict.fromkeys(uids)))
-            plan, online = plan_room_pushes(messages, users, app.id)
-            delivered, failures = await self._push_to_rooms(plan)
+            delivered, online, failures, undelivered = await self._deliver(app.id, messages)
+            if undelivered:
+                self.redelivery.add(undelivered)
         self.tally.pushes += 1
         self.tally.messages += len(messages)
         self.tally.delivered += delivered
@@ -170,23 +172,57 @@ class PushService:
             else:
                 log.error("Saver.Store answered %d seqs for %d messages", len(reply.seqs), len(chunk))
 
+    async def _deliver(self, app_id: str, messages: list[pb.StoredMessage]
+                       ) -> tuple[int, int, int, list[pb.StoredMessage]]:
+        """Look up the messages' users and hand the messages to their rooms. Returns (delivered,
+        online uids, failed room instances, messages whose lookup or room call failed)."""
+        users, lost_uids = await self._lookup_sessions(list(dict.fromkeys(m.uid for m in messages)))
+        plan, online = plan_room_pushes(messages, users, app_id)
+        delivered, failures, failed = await self._push_plan(plan)
+        if lost_uids:
+            failed += [m for m in messages if m.uid in lost_uids]
+        return delivered, online, failures, failed
+
+    async def deliver_again(self, messages: list[pb.StoredMessage]) -> list[pb.StoredMessage]:
+        """Redelivery's way out: the same lookup and room calls, per app; returns what failed again."""
+        by_app: dict[str, list[pb.StoredMessage]] = {}
+        for m in messages:
+            by_app.setdefault(m.app, []).append(m)
+        failed: list[pb.StoredMessage] = []
+        for app_id, msgs in by_app.items():
+            delivered, _, _, again = await self._deliver(app_id, msgs)
+            self.tally.delivered += delivered
+            telemetry.DELIVERED.labels("unicast").inc(delivered)
+            failed += again
+        return failed
+
     async def _lookup(self, uids: list[str]) -> list[pb.UserSessions]:
-        """Sessions of ``uids``: one Register.Lookup per ``rpc_batch_items`` uids (one call by default)."""
+        return (await self._lookup_sessions(uids))[0]
+
+    async def _push_to_rooms(self, plan: dict[str, list[pb.StoredMessage]]) -> tuple[int, int]:
+        delivered, failures, _ = await self._push_plan(plan)
+        return delivered, failures
+
+    async def _lookup_sessions(self, uids: list[str]) -> tuple[list[pb.UserSessions], set[str]]:
+        """Sessions of ``uids``: one Register.Lookup per ``rpc_batch_items`` uids (one call by
+        default), and the uids whose lookup failed."""
         step = self.rpc_batch_items
+        parts = [uids[i:i + step] for i in range(0, len(uids), step)]
         replies = await asyncio.gather(
-            *(self.register.call("Lookup", pb.LookupRequest(uids=uids[i:i + step])) for i in range(0, len(uids), step)),
-            return_exceptions=True)
+            *(self.register.call("Lookup", pb.LookupRequest(uids=part)) for part in parts), return_exceptions=True)
         users: list[pb.UserSessions] = []
-        for reply in replies:
+        lost: set[str] = set()
+        for part, reply in zip(parts, replies, strict=True):
             if isinstance(reply, BaseException):
                 if not isinstance(reply, BACKEND_ERRORS):
                     raise reply
                 self.tally.lookup_failures += 1
                 telemetry.LOOKUP_FAILURES.inc()
-                log.warning("Register.Lookup failed; messages wait in the inbox: %s", describe(reply))
+                log.warning("Register.Lookup failed; messages are tried again shortly: %s", describe(reply))
+                lost.update(part)
             else:
                 users.extend(reply.users)
-        return users
+        return users, lost
 
     async def _room_addresses(self, wanted: Iterable[str]) -> dict[str, str]:
         """Room instance id -> gRPC address, re-reading discovery once for instances not cached yet."""
@@ -201,9 +237,13 @@ class PushService:
             return {}
         return {k: v for k, v in live.items() if k in wanted}
 
-    async def _push_to_rooms(self, plan: dict[str, list[pb.StoredMessage]]) -> tuple[int, int]:
+    async def _push_plan(self, plan: dict[str, list[pb.StoredMessage]]
+                         ) -> tuple[int, int, list[pb.StoredMessage]]:
+        """(delivered, failed room instances, messages of room calls that failed). Messages for
+        an instance no longer in discovery are not among them: it died with its sessions, whose
+        clients reconnect and load their inboxes."""
         if not plan:
-            return 0, 0
+            return 0, 0, []
         addresses = await self._room_addresses(plan)
         calls = []
         for inst, msgs in plan.items():
@@ -212,23 +252,25 @@ class PushService:
                 # the instance died with sessions still registered: delivery at next connect
                 continue
             for chunk in chunks_by_bytes(msgs, self.rpc_batch_bytes, self.rpc_batch_items):
-                calls.append((inst, self.rooms.call("Push", pb.PushRequest(messages=chunk), target=target,
-                                                    deadline_s=self.room_deadline_s)))
+                calls.append((inst, chunk, self.rooms.call("Push", pb.PushRequest(messages=chunk), target=target,
+                                                           deadline_s=self.room_deadline_s)))
         failed_instances = {inst for inst in plan if inst not in addresses}
+        failed: list[pb.StoredMessage] = []
         delivered = 0
-        results = await asyncio.gather(*(c for _, c in calls), return_exceptions=True)
-        for (inst, _), result in zip(calls, results, strict=True):
+        results = await asyncio.gather(*(c for _, _, c in calls), return_exceptions=True)
+        for (inst, chunk, _), result in zip(calls, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, BACKEND_ERRORS):
                     raise result
                 failed_instances.add(inst)
-                log.warning("Room.Push to %s failed; messages wait in the inbox: %s", inst, describe(result))
+                failed += chunk
+                log.warning("Room.Push to %s failed; messages are tried again shortly: %s", inst, describe(result))
             else:
                 delivered += result.delivered
         if failed_instances:
             self.tally.room_failures += len(failed_instances)
             telemetry.ROOM_FAILURES.labels("Push").inc(len(failed_instances))
-        return delivered, len(failed_instances)
+        return delivered, len(failed_instances), failed
 
     # ------------------------------------------------------------ broadcast
 
