@@ -193,13 +193,16 @@ class LoadHarness:
                 client._recent = _CountingRecent(recent, st)
         return client
 
+    def uid_for(self, name: str) -> str:
+        return f"fault-{self.run_id}-{name}"
+
     def add_client(self, name: str) -> str:
-        """Start one more client (a new uid) in the background; it joins the load, the probes and
-        the checks at once, connected or not. Returns its uid."""
+        """Start one more client (uid ``uid_for(name)``) in the background; it joins the load, the
+        probes and the checks at once, connected or not. Returns its uid."""
         return self.call(self._add_client(name), 10)
 
     async def _add_client(self, name: str) -> str:
-        uid = f"fault-{self.run_id}-{name}"
+        uid = self.uid_for(name)
         self.stats[uid] = ClientStats(uid)
         client = self.clients[uid] = self._client(uid)
         self.uids.append(uid)
@@ -352,6 +355,14 @@ class LoadHarness:
             st.first_refused = st.first_refused or now
             st.last_refused = now
         return None
+
+    def push_to(self, uid: str, count: int, scenario: str) -> list[int]:
+        """Push ``count`` messages to ``uid`` (one request each, in turn); the msg_ids accepted."""
+        return self.call(self._push_to(uid, count, scenario), count * (REQUEST_TIMEOUT_S + 1) + 5)
+
+    async def _push_to(self, uid: str, count: int, scenario: str) -> list[int]:
+        ids = [await self._push_one(None, uid, scenario) for _ in range(count)]
+        return [m for m in ids if m is not None]
 
     # ------------------------------------------------------------------ probe
 

@@ -41,6 +41,7 @@ STEADY_S = 1.5        # load before the fault
 DOWN_S = 1.0          # a killed process stays dead this long before the test starts it again
 BLACKHOLE_S = 1.0     # a cut path also black-holes new connections this long
 AFTER_S = 2.0         # load after the system is whole again
+OFFLINE_PUSHES = 20   # pushes to a uid with no client, before the fault; its client connects after
 READY_S = 5.0         # before a scenario: the system whole (else repaired)
 RECOVER_S = 20.0      # after the heal: every client connected, presence right
 PROBE_S = 5.0         # a push after the fault reaches its handler within this
@@ -227,7 +228,7 @@ def _restart_host(e: Env, info: dict) -> None:
 
 def _new_client(e: Env, info: dict) -> None:
     """A client that connects while the fault lasts: its session must be registered once it is over."""
-    info["new_client"] = e.harness.add_client(f"late{len(e.harness.uids)}")
+    info["new_client"] = e.harness.add_client(f"late-{len(e.harness.uids)}")
 
 
 def _rooms(e: Env) -> list[str]:
@@ -259,11 +260,12 @@ FAULTS = [
     # beyond the list: the internal gRPC path to the room instances (center's Room.Push) cut while
     # the clients stay connected
     Fault("cut_center_room", _cut_room_grpc, cut()[1], ("center", "room")),
-    # beyond the kill list: Redis comes back empty (its disk lost); register's epoch changes, rooms
-    # register their sessions again, the saver rebuilds the inboxes from MySQL
+    Fault("host_crash", _crash_host, _restart_host, ("room", "register", "saver", "center", "redis", "mariadb")),
+    # beyond the kill list, last because what it breaks may outlast the scenario: Redis comes back
+    # empty (its disk lost); register's epoch changes, rooms register their sessions again, the
+    # saver rebuilds the inboxes from MySQL
     Fault("redis_data_lost", _kill_redis_and_lose_data, _restart_empty_redis,
           ("redis", "register", "saver", "room", "center")),
-    Fault("host_crash", _crash_host, _restart_host, ("room", "register", "saver", "center", "redis", "mariadb")),
 ]
 
 
@@ -313,6 +315,14 @@ def test_fault(env: Env, fault: Fault) -> None:
     counters0 = h.counters()
     proxy0 = {k: p.stats() for k, p in e.system.proxies.items()}
 
+    # an inbox that must survive the fault: accepted while its user is offline, fetched after
+    offline = h.uid_for(f"offline-{name}")
+    offline_ids = h.push_to(offline, OFFLINE_PUSHES, name)
+    rec["offline_accepted"] = len(offline_ids)
+    if len(offline_ids) < OFFLINE_PUSHES:
+        failures.append(f"before the fault only {len(offline_ids)} of {OFFLINE_PUSHES} pushes to offline {offline} "
+                        f"were accepted")
+
     h.start_publisher(name, RATE_PER_S)
     time.sleep(STEADY_S)  # steady load before the fault; nothing is waited for here
     t_fault = time.monotonic()
@@ -335,6 +345,8 @@ def test_fault(env: Env, fault: Fault) -> None:
         failures.append(f"not whole {RECOVER_S} s after the heal: {why}")
     time.sleep(AFTER_S)  # steady load once whole again
     pub = h.stop_publisher()
+    t_offline_online = time.monotonic()
+    h.add_client(f"offline-{name}")  # the offline user comes online: its inbox must be all there
 
     after = h.probe(f"{name}:after", PROBE_S)
     rec["probe_after_s"] = after
@@ -350,9 +362,10 @@ def test_fault(env: Env, fault: Fault) -> None:
     dups = h.ledger.new_duplicates()
     wrong = h.ledger.wrong_uid(accepted)
     first = {m: h.ledger.first_delivery(m) for m in accepted}
-    latencies = [first[m] - a.t for m, a in accepted.items() if first[m] is not None]
+    latencies = [first[m] - a.t for m, a in accepted.items() if first[m] is not None and a.uid != offline]
     # the backlog of the fault: pushes accepted from the start of the load until the system was whole
-    backlog = [first[m] for m, a in accepted.items() if a.t <= t_whole and first[m] is not None]
+    backlog = [first[m] for m, a in accepted.items() if a.t <= t_whole and first[m] is not None and a.uid != offline]
+    inbox = [first.get(m) for m in offline_ids]
     counters1 = h.counters()
     proxy1 = {k: p.stats() for k, p in e.system.proxies.items()}
 
@@ -365,6 +378,8 @@ def test_fault(env: Env, fault: Fault) -> None:
         "all_delivered_after_heal_s": (round(max(0.0, max(backlog) - t_healed), 3) if backlog and not missing
                                        else None),
         "max_push_to_handler_s": round(max(latencies), 3) if latencies else None,
+        # the offline user's inbox, from its client's start until the last of it was handed over
+        "offline_inbox_s": (round(max(inbox) - t_offline_online, 3) if inbox and None not in inbox else None),
         "publisher": pub.to_dict(t_fault),
         "sdk": {k: counters1[k] - counters0[k] for k in counters1},
         "proxy_connections_cut": sum(proxy1[k]["aborted"] - proxy0[k]["aborted"] for k in proxy1),
