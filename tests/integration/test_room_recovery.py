@@ -127,3 +127,44 @@ async def test_register_losing_its_data_does_not_cut_off_connected_clients(syste
         _, p = await c.expect(Op.PUSH, timeout=10)
         assert [str(m.msg_id) for m in p.messages] == [msg_id]
         await c.close()
+
+
+async def test_a_link_that_drops_again_and_again_never_gets_its_message_parked(system):
+    """Each reconnect resumes: the unacked message comes again without counting another
+    delivery attempt, so twelve drops before the ACK (the park limit is 10) park nothing."""
+    user = uid()
+    c, ok = await login(system, user, room=0)
+    (msg_id,) = await push(system, [user], "keep me")
+    for i in range(12):
+        _, p = await c.expect(Op.PUSH)
+        assert [str(m.msg_id) for m in p.messages] == [msg_id]
+        c.writer.transport.abort()
+        c, ok = await login(system, user, room=i % 2, resume_token=ok.resume_token)
+        assert ok.resumed
+    _, p = await c.expect(Op.PUSH)
+    c.send(Op.ACK, cpb.Ack(msg_ids=[int(msg_id)]))
+
+    async def acked():
+        status, state = await api(system, "GET", f"/v1/messages/{msg_id}")
+        return state["state"] == "acked" and state["attempts"] == 1
+
+    await wait_for(acked, f"message {msg_id} acked after one delivery attempt")
+    await c.close()
+
+
+async def test_three_logins_of_one_device_leave_one_session(system):
+    user = uid()
+    clients = []
+    for i in range(3):
+        c, _ = await login(system, user, room=i % 2)
+        clients.append(c)
+    for c in clients[:2]:
+        _, kick = await c.expect(Op.KICK)
+        assert kick.reason == "replaced"
+
+    async def one_session():
+        status, body = await api(system, "GET", f"/v1/users/{user}")
+        return len(body["sessions"]) == 1
+
+    await wait_for(one_session, "one session left for the device")
+    await clients[2].close()
