@@ -1,7 +1,8 @@
 """The room's batched calls to register, saver and coordinator.
 
-Every call a connection makes is queued in a ``Batcher`` and leaves as one RPC per few
-milliseconds (DESIGN.md §2: one RPC must carry hundreds of items). Queues are bounded;
+Every call a connection makes is queued in a ``Batcher`` (DESIGN.md §2: one RPC must carry
+hundreds of items): at once while nothing is in flight to that backend, else with everything
+that gathered behind the call in flight; connect-path batches gather longer in a storm. Queues are bounded;
 ``Overloaded`` reaches the connection, which answers ERROR OVERLOADED with a retry-after.
 """
 
@@ -62,7 +63,8 @@ class RoomBackends:
         kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000,
                   max_concurrent_flushes=cfg.max_flushes_in_flight)
         connect_kw = dict(kw, delay_s=cfg.connect_batch_delay_ms / 1000, busy_delay_s=cfg.storm_batch_delay_ms / 1000,
-                          busy_rate=cfg.storm_connects_per_s, busy_items=cfg.storm_batch_items)
+                          busy_rate=cfg.storm_connects_per_s, busy_items=cfg.storm_batch_items,
+                          busy_rtt_factor=cfg.storm_rtt_factor)
         self.register = Batcher("room_register", self._register, max_pending=cfg.max_pending_auth, **connect_kw)
         self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **kw)
         self.load_inbox = Batcher("room_load_inbox", self._load_inbox, max_pending=cfg.max_pending_auth,

@@ -32,20 +32,29 @@ class RoomConfig:
     max_apps_per_session: int = 16
     max_uid_len: int = 128
     inbox_load_limit: int = 100
-    # How long a batch waits for company before it is flushed. 10 ms measured: a 36k connect storm
-    # costs 172 us of server CPU per connect (2 ms: 272 us), at +10 ms on AUTH_OK, acks and upstream.
+    # Batching toward register/saver/coordinator is adaptive (services/common/batching.py): a
+    # batch leaves at once while nothing is in flight to that backend, and gathers while a call
+    # is (group commit), so a quiet instance adds no wait. batch_delay_ms is the longest a batch
+    # gathers behind a call in flight before it may take a free slot (max_flushes_in_flight 1:
+    # it never does, it leaves when the call returns). Before the adaptive policy this was a fixed
+    # wait: 10 ms measured on a 36k connect storm, 172 us of server CPU per connect (2 ms: 272 us).
     batch_delay_ms: float = 10.0
     # Registrations and inbox loads (the connect path): every call costs ~150-500 us of CPU on
     # each side whatever it carries, and a host of 56 instances sees under a hundred connects per
     # second per instance even in a storm. So while an instance sees storm_connects_per_s or more,
-    # a connect-path batch waits to gather storm_batch_items at the current rate, up to
-    # storm_batch_delay_ms (bigger batches, fewer calls); otherwise connect_batch_delay_ms.
-    # Measured at 300k connects over 56 instances: a 250 ms cap gave 229 us of room CPU per
-    # connect and 7,143 AUTHs refused UNAVAILABLE by a saturated register; 1,000 ms gave 201 us and 81.
+    # a connect-path batch waits to gather storm_batch_items at the current rate, but no longer
+    # than storm_rtt_factor times the smoothed latency of the backend's last calls, and never
+    # more than storm_batch_delay_ms: a loaded register (calls of tens to hundreds of ms in a
+    # storm) gets few, large calls; a fast one (a few ms) keeps AUTH_OK within milliseconds at
+    # hundreds of connects per second. Measured at 300k connects over 56 instances with the wait
+    # bounded only by the items and the cap: a 250 ms cap gave 229 us of room CPU per connect and
+    # 7,143 AUTHs refused UNAVAILABLE by a saturated register; 1,000 ms gave 201 us and 81.
+    # Without the latency bound, 200 connects/s had AUTH_OK p99 ~1 s (issue 8).
     connect_batch_delay_ms: float = 20.0
     storm_connects_per_s: float = 50.0
     storm_batch_items: int = 200
     storm_batch_delay_ms: float = 1000.0
+    storm_rtt_factor: float = 4.0
     max_batch: int = 500
     # Batches in flight per backend queue; while all are out, the next batch keeps filling.
     max_flushes_in_flight: int = 1  # 100k connect storm: server CPU per connect 364 -> 306 us vs 4
@@ -91,6 +100,7 @@ class RoomConfig:
         for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms"):
             require(0 <= getattr(self, name) <= 5000, f"room.{name}", "must be within 0..5000 ms")
         require(self.storm_batch_items >= 1, "room.storm_batch_items", "must be >= 1")
+        require(0 < self.storm_rtt_factor <= 1000, "room.storm_rtt_factor", "must be within (0, 1000]")
         require(self.max_flushes_in_flight >= 1, "room.max_flushes_in_flight", "must be >= 1")
         require(0 <= self.accept_wait_shed_s <= 3600, "room.accept_wait_shed_s", "must be within 0..3600 s (0 = never)")
         require(0 <= self.resume_grace_s <= 3600, "room.resume_grace_s", "must be within 0..3600 s (0 = no resume)")
