@@ -14,6 +14,7 @@ from services.center.batch_push import push_messages
 from services.center.http_errors import json_response, make_middleware
 from services.center.messages import MessageQuery, state_view
 from services.center.push import PushService
+from services.center.push_decoding import decode_push
 from services.center.stats import StatsCollector
 from services.center.telemetry import Tally
 from services.center.users import UserService
@@ -106,7 +107,7 @@ class CenterApi:
 
     async def push(self, request: web.Request) -> web.Response:
         principal = await self._principal(request)
-        body = validation.push_request(await self._body(request), self.p.limits)
+        body = decode_push(await request.read(), self.p.limits)
         app = await self.p.auth.target_app(principal, body.app)
         if isinstance(body, validation.BatchPushBody):
             result = await push_messages(self.p.push, app, body.messages)

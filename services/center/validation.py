@@ -10,9 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from services.center.config import CenterConfig
 from services.center.errors import InvalidRequest, PayloadTooLarge
@@ -24,6 +27,7 @@ MAX_WEBHOOK_URL_LEN = 1024  # the apps.webhook_url column
 MAX_PUSH_RATE = 1_000_000
 # uint64 msg ids: 20 decimal digits at most
 MAX_ID = (1 << 64) - 1
+CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +57,10 @@ class PushBody:
     ttl_s: int
 
 
-@dataclass(frozen=True, slots=True)
-class BatchMessage:
+class BatchMessage(msgspec.Struct, frozen=True, gc=False):
+    """One message of the batch form (a Struct: built ~4x faster than a frozen dataclass, and a
+    1,000-message request builds 1,000 of them)."""
+
     uid: str
     payload: bytes
     ttl_s: int
@@ -196,7 +202,7 @@ def check_uid(uid: Any, limits: Limits, where: str = "uid") -> str:
     if len(uid) > limits.max_uid_len:
         raise InvalidRequest(f"{where} is longer than {limits.max_uid_len} characters", "bad_uid")
     # control characters would break Redis member encodings ("{uid}\x00{session}") and logs
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uid):
+    if CONTROL_CHARS.search(uid):
         raise InvalidRequest(f"{where} contains control characters", "bad_uid")
     try:
         uid.encode("utf-8")

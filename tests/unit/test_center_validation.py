@@ -1,4 +1,5 @@
 import base64
+import json
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_push_body_base64_payload_and_ttl():
     assert body.payload == b"\x00\xff" and body.ttl_s == 5 and body.app is None
 
 
-@pytest.mark.parametrize("data, expected", [
+PUSH_REJECTIONS = [
     ({"payload": "x"}, ("InvalidRequest", "missing_uids")),
     ({"uids": "u1", "payload": "x"}, ("InvalidRequest", "bad_uids")),
     ({"uids": {"u": 1}, "payload": "x"}, ("InvalidRequest", "bad_uids")),
@@ -54,7 +55,10 @@ def test_push_body_base64_payload_and_ttl():
     ({"uids": ["u"], "payload": "x", "ttl_s": "60"}, ("InvalidRequest", "bad_ttl_s")),
     ({"uids": ["u"], "payload": "x", "app": ""}, ("InvalidRequest", "bad_app")),
     ({"uids": ["u"], "payload": "x", "app": 3}, ("InvalidRequest", "bad_app")),
-])
+]
+
+
+@pytest.mark.parametrize("data, expected", PUSH_REJECTIONS)
 def test_push_body_rejections(data, expected):
     assert code_of(v.push_body, data, LIMITS) == expected
 
@@ -64,7 +68,7 @@ def test_payload_at_the_limit_is_fine():
     assert v.push_body({"uids": ["u"], "payload": "x", "ttl_s": 60.0}, LIMITS).ttl_s == 60
 
 
-@pytest.mark.parametrize("raw, code", [
+MALFORMED_BODIES = [
     (b"", "empty_body"),
     (b"  \n", "empty_body"),
     (b"{not json", "malformed_json"),
@@ -73,7 +77,10 @@ def test_payload_at_the_limit_is_fine():
     (b"\xff\xfe\x00", "malformed_json"),
     (b"[" * 100_000 + b"]" * 100_000, "malformed_json"),
     (b'{"n": ' + b"9" * 5000 + b"}", "malformed_json"),
-])
+]
+
+
+@pytest.mark.parametrize("raw, code", MALFORMED_BODIES)
 def test_parse_json_rejections(raw, code):
     assert code_of(v.parse_json, raw) == ("InvalidRequest", code)
 
@@ -175,7 +182,7 @@ def ok(i):
     return {"uid": f"u{i}", "payload": "p"}
 
 
-@pytest.mark.parametrize("data, expected", [
+BATCH_REJECTIONS = [
     ({"messages": "nope"}, ("InvalidRequest", "bad_messages", None)),
     ({"messages": {"uid": "u"}}, ("InvalidRequest", "bad_messages", None)),
     ({"messages": []}, ("InvalidRequest", "bad_messages", None)),
@@ -205,7 +212,10 @@ def ok(i):
     ({"messages": [{"uid": "u", "payload": "x", "ttl_s": 3601}]}, ("InvalidRequest", "bad_ttl_s", 0)),
     ({"messages": [{"uid": "u", "payload": "x", "ttl_s": "60"}]}, ("InvalidRequest", "bad_ttl_s", 0)),
     ({"messages": [{"uid": "u", "payload": "x", "ttl_s": False}]}, ("InvalidRequest", "bad_ttl_s", 0)),
-])
+]
+
+
+@pytest.mark.parametrize("data, expected", BATCH_REJECTIONS)
 def test_batch_form_rejections(data, expected):
     kind, code, index, message = batch_error(data)
     assert (kind, code, index) == expected, message
@@ -231,3 +241,55 @@ def test_max_messages_follows_the_config():
     assert v.Limits.from_config(CenterConfig(max_messages_per_push=7)).max_messages == 7
     with pytest.raises(ConfigError):
         build(CenterConfig, "center", {"max_messages_per_push": 0}, {})
+
+
+# ---------------------------------------------------------------- the msgspec fast path agrees with the reference
+
+
+def outcome(fn):
+    try:
+        return "ok", fn()
+    except (InvalidRequest, PayloadTooLarge) as exc:
+        return type(exc).__name__, exc.code, exc.message, getattr(exc, "index", None)
+
+
+ACCEPTED = [
+    {"uids": ["u1", "u2"], "payload": "hi", "extra": {"nested": [1, 2]}},
+    {"uids": ["u"], "payload_b64": "AP8=", "ttl_s": 5, "app": "a1"},
+    {"uids": ["u"], "payload": "x", "ttl_s": 60.0},
+    {"uids": ["u"], "payload": "", "payload_b64": None, "messages": None},
+    {"messages": [{"uid": "u1", "payload": "p"}, {"uid": "u2", "payload_b64": "AP8=", "ttl_s": 7}], "ttl_s": 30},
+    {"messages": [{"uid": "u", "payload": "x" * 10, "ttl_s": 3600.0}] * 4, "uids": None},
+    {"messages": [{"uid": "\u20ac", "payload": "\u20ac\u20ac\u20ac", "junk": None}]},
+]
+
+
+def equivalent_bodies():
+    bodies = [json.dumps(d).encode() for d in ACCEPTED]
+    bodies += [json.dumps(d).encode() for d, _ in PUSH_REJECTIONS + BATCH_REJECTIONS]
+    bodies += [raw for raw, _ in MALFORMED_BODIES]
+    bodies += [b'\xef\xbb\xbf{"uids": ["u"], "payload": "bom"}', b'{"uids": ["u"], "payload": "\\ud800"}',
+               b'{"uids": ["u"], "uids": ["v"], "payload": "dup"}', b'{"pad": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+               b'{"uids": ["u"], "payload": "x", "ttl_s": 99999999999999999999999}', b'{"uids": ["u"], "payload": NaN}',
+               b'{"messages": [{"uid": null, "payload": "x"}]}', b'{"messages": [{"uid": "a\\u0000", "payload": "x"}]}']
+    return bodies
+
+
+@pytest.mark.parametrize("raw", equivalent_bodies())
+def test_fast_decoder_matches_the_reference(raw):
+    from services.center.push_decoding import decode_push
+
+    reference = outcome(lambda: v.push_request(v.parse_json(raw), BATCH_LIMITS))
+    assert outcome(lambda: decode_push(raw, BATCH_LIMITS)) == reference
+
+
+@pytest.mark.parametrize("data", ACCEPTED[:2] + ACCEPTED[4:5] + ACCEPTED[6:])
+def test_fast_decoder_needs_no_reference_for_good_bodies(data, monkeypatch):
+    from services.center import push_decoding
+
+    def not_called(*args):
+        raise AssertionError("fell back to validation.py")
+
+    expected = v.push_request(data, BATCH_LIMITS)
+    monkeypatch.setattr(push_decoding.validation, "push_request", not_called)
+    assert push_decoding.decode_push(json.dumps(data).encode(), BATCH_LIMITS) == expected
