@@ -364,6 +364,21 @@ class LoadHarness:
         ids = [await self._push_one(None, uid, scenario) for _ in range(count)]
         return [m for m in ids if m is not None]
 
+    def states(self, ids: list[int]) -> dict[int, str]:
+        """msg_id -> its state as GET /v1/messages/{id} reports it (or why it could not be read)."""
+        return self.call(self._states(ids), REQUEST_TIMEOUT_S + 10)
+
+    async def _states(self, ids: list[int]) -> dict[int, str]:
+        async def one(m: int) -> tuple[int, str]:
+            try:
+                async with self._session.get(f"{self.center_url}/v1/messages/{m}", headers=self._headers()) as r:
+                    body = await r.json(content_type=None) or {}
+                    return m, body.get("state", "?") if r.status == 200 else f"HTTP {r.status}"
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                return m, type(exc).__name__
+
+        return dict(await asyncio.gather(*(one(m) for m in ids)))
+
     # ------------------------------------------------------------------ probe
 
     def probe(self, scenario: str, timeout_s: float) -> dict[str, float | None]:

@@ -328,6 +328,25 @@ class FaultSystem:
                 gone.append(entry)
         return gone
 
+    def kill_room_supervisor(self) -> tuple[int, list[int]]:
+        """kill -9 the room supervisor alone; its instances are told by the kernel (they asked for
+        SIGTERM when their parent dies). Returns (supervisor pid, instance pids)."""
+        sp = self.services["room"]
+        instances = procs.children(sp.pid)
+        os.kill(sp.pid, signal.SIGKILL)
+        sp.proc.wait(10)
+        return sp.pid, instances
+
+    def wait_gone(self, pids: list[int], timeout_s: float) -> list[int]:
+        """Wait until none of ``pids`` runs; returns those still running at the deadline."""
+        deadline = time.monotonic() + timeout_s
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if _running(p)]
+            if alive:
+                time.sleep(0.05)
+        return alive
+
     def kill_room_instance(self, i: int) -> int:
         pid = self.room_instance_pid(i)
         if pid is None:
@@ -433,6 +452,14 @@ class FaultSystem:
         if grep:
             text = [t for t in text if any(g in t for g in grep)]
         return "\n".join(text[-lines:])
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def _wait_gone(pid: int, timeout_s: float) -> None:

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -41,6 +42,8 @@ STEADY_S = 1.5        # load before the fault
 DOWN_S = 1.0          # a killed process stays dead this long before the test starts it again
 BLACKHOLE_S = 1.0     # a cut path also black-holes new connections this long
 AFTER_S = 2.0         # load after the system is whole again
+ACK_SAMPLE = 30       # delivered messages whose server state is read after each scenario
+ACK_WAIT_S = 5.0      # ... until all of them are acked, at most this long
 OFFLINE_PUSHES = 20   # pushes to a uid with no client, before the fault; its client connects after
 READY_S = 5.0         # before a scenario: the system whole (else repaired)
 RECOVER_S = 20.0      # after the heal: every client connected, presence right
@@ -193,6 +196,22 @@ def _room_instance_restarted(e: Env, info: dict) -> None:
                            f"by its supervisor within {RECOVER_S} s")
 
 
+def _kill_room_supervisor(e: Env, info: dict) -> None:
+    pid, instances = e.system.kill_room_supervisor()
+    info.update(killed_pid=pid, instances=instances)
+
+
+def _restart_room_tier(e: Env, info: dict) -> None:
+    # the orphaned instances drain and exit on their own; a new tier can bind the ports after that
+    left = e.system.wait_gone(info["instances"], RECOVER_S)
+    info["instances_gone_s"] = round(time.monotonic() - info["t_inject"], 3)
+    if left:
+        raise FaultSystemError(f"room instances {left} still run {RECOVER_S} s after their supervisor was killed")
+    t = time.monotonic()
+    e.system.restart("room", "restarted after kill -9 of the supervisor")
+    info["restart_s"] = round(time.monotonic() - t, 3)
+
+
 def cut(*proxies: str, rooms_only: bool = False) -> tuple[Callable, Callable]:
     """Cut the paths through ``proxies``; with ``rooms_only`` just the room instances' connections."""
     def inject(e: Env, info: dict) -> None:
@@ -245,6 +264,8 @@ def _cut_room_grpc(e: Env, info: dict) -> None:
 
 FAULTS = [
     Fault("kill_room_instance", _kill_room_instance, _room_instance_restarted, ("room",)),
+    # beyond the list: the supervisor dies, its instances drain and exit, the test starts the tier again
+    Fault("kill_room_supervisor", _kill_room_supervisor, _restart_room_tier, ("room",)),
     Fault("kill_register", *kill_and_restart("register"), ("register", "room", "center")),
     Fault("kill_saver", *kill_and_restart("saver"), ("saver", "room", "center")),
     Fault("kill_coordinator", *kill_and_restart("coordinator"), ("coordinator", "room")),
@@ -270,6 +291,22 @@ FAULTS = [
 
 
 # ---------------------------------------------------------------------- the scenario
+
+
+def _ack_sample(e: Env, accepted: dict, t_fault: float) -> dict:
+    """Do the server's records agree? The ACK_SAMPLE delivered messages sent nearest the fault must
+    come to state acked (a lost ACK means a redelivery at the next connect). Measured, not asserted."""
+    delivered = [m for m in accepted if e.harness.ledger.first_delivery(m) is not None]
+    sample = sorted(delivered, key=lambda m: abs(accepted[m].t - t_fault))[:ACK_SAMPLE]
+    t0 = time.monotonic()
+    states: dict[int, str] = {}
+    for _ in _deadline_loop(ACK_WAIT_S, 0.25):
+        states = e.harness.states(sample)
+        if all(v == "acked" for v in states.values()):
+            break
+    left = Counter(v for v in states.values() if v != "acked")
+    return {"sampled": len(sample), "not_acked": sum(left.values()), "not_acked_states": dict(left),
+            "waited_s": round(time.monotonic() - t0, 2)}
 
 
 def _state(e: Env, msg_id: int) -> str:
@@ -326,7 +363,7 @@ def test_fault(env: Env, fault: Fault) -> None:
     h.start_publisher(name, RATE_PER_S)
     time.sleep(STEADY_S)  # steady load before the fault; nothing is waited for here
     t_fault = time.monotonic()
-    info: dict = {}
+    info: dict = {"t_inject": t_fault}
     rec["fault_info"] = info
     fault.inject(e, info)
     if fault.during is not None:
@@ -337,6 +374,7 @@ def test_fault(env: Env, fault: Fault) -> None:
         failures.append(f"not healed: {exc}")
     t_healed = time.monotonic()
     rec["fault_to_healed_s"] = round(t_healed - t_fault, 3)
+    info.pop("t_inject")
 
     ok, why = wait_whole(e, RECOVER_S)
     t_whole = time.monotonic()
@@ -358,6 +396,7 @@ def test_fault(env: Env, fault: Fault) -> None:
     for phase in ("before", "after"):
         accepted.update(h.ledger.accepted_in(f"{name}:{phase}"))
     missing = wait_delivered(e, accepted, max(t_healed + DELIVER_S, time.monotonic() + 1))
+    acks = _ack_sample(e, accepted, t_fault)
     t_done = time.monotonic()
     dups = h.ledger.new_duplicates()
     wrong = h.ledger.wrong_uid(accepted)
@@ -383,6 +422,7 @@ def test_fault(env: Env, fault: Fault) -> None:
         "publisher": pub.to_dict(t_fault),
         "sdk": {k: counters1[k] - counters0[k] for k in counters1},
         "proxy_connections_cut": sum(proxy1[k]["aborted"] - proxy0[k]["aborted"] for k in proxy1),
+        "ack_sample": acks,
         "scenario_s": round(t_done - t_begin, 1),
     })
     if missing:
