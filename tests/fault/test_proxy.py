@@ -66,22 +66,33 @@ def _wait_open(p: TcpProxy, n: int) -> None:
         time.sleep(0.01)
 
 
-def test_forwards_and_cut_closes_every_connection(proxy):
+@pytest.fixture
+def sockets():
+    opened: list[socket.socket] = []
+    yield opened
+    for s in opened:
+        s.close()
+
+
+def test_forwards_and_cut_closes_every_connection(proxy, sockets):
     a, b = _connect(proxy), _connect(proxy)
+    sockets += [a, b]
     assert _echo(a, b"one") == b"one" and _echo(b, b"two") == b"two"
     assert proxy.cut() == 2
     assert _closed(a) and _closed(b)
     c = _connect(proxy)  # no black hole: the path works again at once
+    sockets.append(c)
     assert _echo(c, b"three") == b"three"
-    c.close()
 
 
-def test_blackhole_holds_new_connections_then_drops_them(proxy):
+def test_blackhole_holds_new_connections_then_drops_them(proxy, sockets):
     a = _connect(proxy)
+    sockets.append(a)
     assert _echo(a, b"x") == b"x"
     proxy.cut(blackhole_s=0.5)
     assert _closed(a)
     held = _connect(proxy)  # accepted by the kernel, but nothing is forwarded
+    sockets.append(held)
     held.sendall(b"lost")
     held.settimeout(0.2)
     with pytest.raises(TimeoutError):
@@ -89,6 +100,6 @@ def test_blackhole_holds_new_connections_then_drops_them(proxy):
     held.settimeout(2)
     assert _closed(held)  # aborted when the black hole ends
     after = _connect(proxy)
+    sockets.append(after)
     assert _echo(after, b"back") == b"back"
     _wait_open(proxy, 1)
-    after.close()
