@@ -11,7 +11,14 @@ turn. Each scenario:
    cut path comes back by itself after its black hole);
 3. checks that the system healed by itself (all clients connected again, presence right, a push
    after the fault reaches its handler within PROBE_S) and that every msg_id whose push returned
-   200 reached the app handler exactly once within DELIVER_S of the heal.
+   200 reached the app handler exactly once within DELIVER_S of the heal; that includes pushes to
+   a user without a client, sent before the fault, whose client connects after it.
+
+The faults: kill -9 of a room instance, register, saver, coordinator, center, dispatcher, Redis
+(restarted on its append-only file) and MariaDB; cuts of client-room, room-register and
+saver-Redis; kill -9 of every process at once (a host crash). Beyond that list: kill -9 of the
+room supervisor, every register client cut at once, center-room gRPC cut, and Redis restarted
+without its data.
 
 What each fault cost is printed as one JSON line (``pytest -s``) and written to the file named by
 PYLON_FAULT_RESULTS, or to fault-results.json in the system's temp dir (kept when a scenario
@@ -218,10 +225,11 @@ def cut(*proxies: str, rooms_only: bool = False) -> tuple[Callable, Callable]:
         only = e.system.from_rooms if rooms_only else None
         info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S, only) for p in proxies}
 
-    def heal(e: Env, info: dict) -> None:
-        time.sleep(BLACKHOLE_S)
+    return inject, _blackhole_ends
 
-    return inject, heal
+
+def _blackhole_ends(e: Env, info: dict) -> None:
+    time.sleep(BLACKHOLE_S)  # the cut's black hole lasts this long; the proxy ends it by itself
 
 
 def _kill_redis_and_lose_data(e: Env, info: dict) -> None:
@@ -273,14 +281,14 @@ FAULTS = [
     Fault("kill_dispatcher", *kill_and_restart("dispatcher"), ("dispatcher",)),
     Fault("kill_redis", *kill_and_restart("redis"), ("redis", "register", "saver", "room", "center")),
     Fault("kill_mariadb", *kill_and_restart("mariadb"), ("mariadb", "saver", "center")),
-    Fault("cut_client_room", _cut_client_room, cut()[1], ("room",)),
+    Fault("cut_client_room", _cut_client_room, _blackhole_ends, ("room",)),
     Fault("cut_room_register", *cut("register", rooms_only=True), ("room", "register"), during=_new_client),
     Fault("cut_saver_redis", *cut("saver-redis"), ("saver", "room", "center")),
     # beyond the list: every connection to register cut at once (center's and coordinator's too)
     Fault("cut_register_all_clients", *cut("register"), ("room", "register", "center")),
     # beyond the list: the internal gRPC path to the room instances (center's Room.Push) cut while
     # the clients stay connected
-    Fault("cut_center_room", _cut_room_grpc, cut()[1], ("center", "room")),
+    Fault("cut_center_room", _cut_room_grpc, _blackhole_ends, ("center", "room")),
     Fault("host_crash", _crash_host, _restart_host, ("room", "register", "saver", "center", "redis", "mariadb")),
     # beyond the kill list, last because what it breaks may outlast the scenario: Redis comes back
     # empty (its disk lost); register's epoch changes, rooms register their sessions again, the
