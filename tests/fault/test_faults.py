@@ -398,7 +398,11 @@ def test_fault(env: Env, fault: Fault) -> None:
     rec["probe_after_s"] = after
     late = sorted(u for u, v in after.items() if v is None)
     if late:
-        failures.append(f"a push after the fault did not reach its handler within {PROBE_S} s for {late}")
+        view = h.client_view()
+        why = {u: f"{view[u]['state']}" + (f" ({view[u]['close_reason']})" if view[u]["close_reason"] else "")
+               for u in late}
+        failures.append(f"a push after the fault did not reach its handler within {PROBE_S} s for {late}; "
+                        f"their clients: {why}")
 
     accepted = h.ledger.accepted_in(name)
     for phase in ("before", "after"):
