@@ -1,27 +1,43 @@
 """Push: store before send, then hand each message to the room instances that hold its user.
 
-Unicast/multicast flow (DESIGN.md §1 center, §5):
-  ids → Saver.Store (one call per batch; the inbox is the truth) → Register.Lookup (one call)
-  → group by session.instance → Room.Push (one call per room instance, concurrently, with deadlines).
-Once Store succeeded the caller gets its ids: a failed lookup or room call only delays delivery
-to the user's next connect (the message waits in the inbox), so it is logged and counted, never
-returned as an error.
+Unicast/multicast flow (DESIGN.md §1 center, §5), for a list of (uid, payload, ttl) messages of
+one app (``push_messages``; ``push`` is the one-payload form):
+  ids → Saver.Store → Register.Lookup → group by session.instance → Room.Push per instance.
+Each of the three calls is shared with the pushes running at the same time (``shared_calls``:
+one batched queue per call kind and room instance, group commit), so concurrent requests cost
+a few RPCs between them, while each request still waits only for its own messages: it answers
+once they are stored (committed to MySQL and in Redis), with its own ids in order and its own
+online/delivered counts. Lookup runs only after the store: a session that registers after the
+lookup loads its inbox after that and finds the message there.
+A failed Store fails exactly the requests whose messages it carried (503). Once Store succeeded
+the caller gets its ids: a failed lookup or room call only delays delivery to the user's next
+connect (the message waits in the inbox), so it is logged and counted, never returned as an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.center import telemetry
 from services.center.backend import BACKEND_ERRORS, describe, unavailable
 from services.center.errors import Overloaded, RateLimited
 from services.center.ratelimit import RateLimiter
-from services.center.redelivery import Redelivery
+from services.center.shared_calls import (
+    MESSAGE_OVERHEAD,
+    LookupQueue,
+    RoomPushQueues,
+    StoreQueue,
+    chunk_spans,
+    message_size,
+)
+from services.common import batching
 from services.common.apps import App
 from services.common.ids import IdGenerator
 from services.common.pb import internal_pb2 as pb
@@ -29,8 +45,9 @@ from services.common.rpc import ServiceClient
 
 log = logging.getLogger(__name__)
 
-# Envelope bytes of a StoredMessage besides payload and strings (ids, timestamps, tags).
-_MESSAGE_OVERHEAD = 64
+_MESSAGE_OVERHEAD = MESSAGE_OVERHEAD
+# Items waiting in one shared queue (the bytes behind them are bounded by max_in_flight_bytes).
+_MAX_QUEUED_ITEMS = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,29 +66,17 @@ class BroadcastResult:
     failed: int
 
 
-def message_size(m: pb.StoredMessage) -> int:
-    return len(m.payload) + len(m.uid) + len(m.app) + _MESSAGE_OVERHEAD
-
-
 def chunks_by_bytes(messages: Sequence[pb.StoredMessage], max_bytes: int,
                     max_items: int = 1000) -> Iterator[list[pb.StoredMessage]]:
     """Consecutive slices of at most ``max_bytes`` and ``max_items`` each (a larger message travels alone)."""
-    chunk: list[pb.StoredMessage] = []
-    size = 0
-    for m in messages:
-        s = message_size(m)
-        if chunk and (size + s > max_bytes or len(chunk) >= max_items):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(m)
-        size += s
-    if chunk:
-        yield chunk
+    for a, b in chunk_spans([message_size(m) for m in messages], max_bytes, max_items):
+        yield list(messages[a:b])
 
 
-def plan_room_pushes(messages: Sequence[pb.StoredMessage], users: Iterable[pb.UserSessions],
-                     app_id: str) -> tuple[dict[str, list[pb.StoredMessage]], int]:
-    """Room instance id -> messages for it, and how many distinct uids are online for the app.
+def plan_room_deliveries(messages: Sequence[pb.StoredMessage], users: Iterable[pb.UserSessions],
+                         app_id: str) -> tuple[dict[str, list[tuple[pb.StoredMessage, int]]], int]:
+    """Room instance id -> (message, sessions of its uid there bound to the app) for it, and how
+    many distinct uids are online for the app.
 
     A message goes once to each instance holding a session of its uid bound to the app; the
     room fans it out to all of that user's local sessions itself.
@@ -79,18 +84,37 @@ def plan_room_pushes(messages: Sequence[pb.StoredMessage], users: Iterable[pb.Us
     by_uid: dict[str, list[pb.StoredMessage]] = {}
     for m in messages:
         by_uid.setdefault(m.uid, []).append(m)
-    plan: dict[str, list[pb.StoredMessage]] = {}
+    plan: dict[str, list[tuple[pb.StoredMessage, int]]] = {}
     online = 0
     for user in users:
         msgs = by_uid.get(user.uid)
         if not msgs:
             continue
-        instances = {s.instance for s in user.sessions if s.instance and app_id in s.apps}
-        if instances:
+        per_instance: dict[str, int] = {}
+        for s in user.sessions:
+            if s.instance and app_id in s.apps:
+                per_instance[s.instance] = per_instance.get(s.instance, 0) + 1
+        if per_instance:
             online += 1
-        for inst in sorted(instances):
-            plan.setdefault(inst, []).extend(msgs)
+        for inst in sorted(per_instance):
+            n = per_instance[inst]
+            plan.setdefault(inst, []).extend((m, n) for m in msgs)
     return plan, online
+
+
+def plan_room_pushes(messages: Sequence[pb.StoredMessage], users: Iterable[pb.UserSessions],
+                     app_id: str) -> tuple[dict[str, list[pb.StoredMessage]], int]:
+    """Room instance id -> messages for it, and how many distinct uids are online for the app."""
+    plan, online = plan_room_deliveries(messages, users, app_id)
+    return {inst: [m for m, _ in items] for inst, items in plan.items()}, online
+
+
+def _message_fields(m: Any) -> tuple[str, bytes, int]:
+    """(uid, payload, ttl_s) of a message given as a tuple or as an object with those attributes."""
+    if isinstance(m, tuple):
+        uid, payload, ttl_s = m
+        return uid, payload, ttl_s
+    return m.uid, m.payload, m.ttl_s
 
 
 class PushService:
@@ -110,7 +134,12 @@ class PushService:
         self.max_in_flight_bytes = max_in_flight_bytes
         self._in_flight_bytes = 0
         self._clock = clock
-        self.redelivery = Redelivery(self.deliver_again)
+        self._owners = itertools.count(1)
+        self.stores = StoreQueue(saver, max_batch=rpc_batch_items, max_bytes=rpc_batch_bytes,
+                                 max_pending=_MAX_QUEUED_ITEMS)
+        self.lookups = LookupQueue(register, max_batch=rpc_batch_items, max_pending=_MAX_QUEUED_ITEMS)
+        self.room_pushes = RoomPushQueues(rooms, deadline_s=room_deadline_s, max_batch=rpc_batch_items,
+                                          max_bytes=rpc_batch_bytes, max_pending=_MAX_QUEUED_ITEMS)
 
     def _admit(self, app: App, cost: int) -> None:
         wait = self.limiter.check(app.id, app.push_rate_per_s, cost)
@@ -124,105 +153,70 @@ class PushService:
         """Bound the message bytes this process holds across concurrent pushes (one request alone
         always passes, so the largest valid request can never be refused forever)."""
         if self._in_flight_bytes and self._in_flight_bytes + n_bytes > self.max_in_flight_bytes:
-            self.tally.overloaded += 1
-            telemetry.OVERLOADED.inc()
-            raise Overloaded(f"this center holds {self._in_flight_bytes} bytes of pushes in flight; retry shortly")
+            self._refuse(f"this center holds {self._in_flight_bytes} bytes of pushes in flight; retry shortly")
         self._in_flight_bytes += n_bytes
         try:
             yield
         finally:
             self._in_flight_bytes -= n_bytes
 
+    def _refuse(self, why: str) -> None:
+        self.tally.overloaded += 1
+        telemetry.OVERLOADED.inc()
+        raise Overloaded(why)
+
     # ------------------------------------------------------------ unicast / multicast
 
     async def push(self, app: App, uids: Sequence[str], payload: bytes, ttl_s: int) -> PushResult:
-        with self._in_flight((len(payload) + _MESSAGE_OVERHEAD) * len(uids)):
-            self._admit(app, len(uids))
+        """One payload to each of ``uids`` (one message per uid, ids in the order of ``uids``)."""
+        return await self.push_messages(app, [(u, payload, ttl_s) for u in uids])
+
+    async def push_messages(self, app: App, messages: Sequence[Any]) -> PushResult:
+        """Messages of one app, each (uid, payload, ttl_s) (a tuple, or an object with those
+        attributes): one id per message, in order. Returns once every message is stored; raises
+        the center error of a failed store (nothing of this request is then reported stored)."""
+        fields = [_message_fields(m) for m in messages]
+        n_bytes = sum(len(p) + len(u) + _MESSAGE_OVERHEAD for u, p, _ in fields)
+        with self._in_flight(n_bytes):
+            self._admit(app, len(fields))
             started = time.perf_counter()
             now_ms = int(self._clock() * 1000)
-            msg_ids = self.ids.batch(len(uids))
-            messages = [pb.StoredMessage(msg_id=i, uid=u, app=app.id, payload=payload, created_ms=now_ms,
-                                         ttl_s=ttl_s) for i, u in zip(msg_ids, uids, strict=True)]
-            await self._store(messages)
-            delivered, online, failures, undelivered = await self._deliver(app.id, messages)
-            if undelivered:
-                self.redelivery.add(undelivered)
+            msg_ids = self.ids.batch(len(fields))
+            app_id = app.id
+            stored = [pb.StoredMessage(msg_id=i, uid=u, app=app_id, payload=p, created_ms=now_ms, ttl_s=t)
+                      for i, (u, p, t) in zip(msg_ids, fields, strict=True)]
+            await self._store(stored)
+            users = await self._lookup(list(dict.fromkeys(u for u, _, _ in fields)))
+            plan, online = plan_room_deliveries(stored, users, app_id)
+            delivered, failures = await self._push_to_rooms(plan)
         self.tally.pushes += 1
-        self.tally.messages += len(messages)
+        self.tally.messages += len(stored)
         self.tally.delivered += delivered
         telemetry.PUSH_REQUESTS.labels("unicast").inc()
-        telemetry.PUSH_MESSAGES.inc(len(messages))
+        telemetry.PUSH_MESSAGES.inc(len(stored))
         telemetry.DELIVERED.labels("unicast").inc(delivered)
         telemetry.PUSH_SECONDS.labels("unicast").observe(time.perf_counter() - started)
         return PushResult(msg_ids, online, delivered, failures)
 
     async def _store(self, messages: list[pb.StoredMessage]) -> None:
-        chunks = list(chunks_by_bytes(messages, self.rpc_batch_bytes, self.rpc_batch_items))
-        replies = await asyncio.gather(
-            *(self.saver.call("Store", pb.StoreRequest(messages=c)) for c in chunks), return_exceptions=True)
-        for chunk, reply in zip(chunks, replies, strict=True):
-            if isinstance(reply, BaseException):
-                if isinstance(reply, BACKEND_ERRORS):
-                    log.warning("Saver.Store of %d messages failed: %s", len(chunk), describe(reply))
-                    raise unavailable("saver", reply) from reply
-                raise reply
-            if len(reply.seqs) == len(chunk):
-                for m, seq in zip(chunk, reply.seqs, strict=True):
-                    m.seq = seq
-            else:
-                log.error("Saver.Store answered %d seqs for %d messages", len(reply.seqs), len(chunk))
-
-    async def _deliver(self, app_id: str, messages: list[pb.StoredMessage]
-                       ) -> tuple[int, int, int, list[pb.StoredMessage]]:
-        """Look up the messages' users and hand the messages to their rooms. Returns (delivered,
-        online uids, failed room instances, messages whose lookup or room call failed)."""
-        users, lost_uids = await self._lookup_sessions(list(dict.fromkeys(m.uid for m in messages)))
-        plan, online = plan_room_pushes(messages, users, app_id)
-        delivered, failures, failed = await self._push_plan(plan)
-        if lost_uids:
-            failed += [m for m in messages if m.uid in lost_uids]
-        return delivered, online, failures, failed
-
-    async def deliver_again(self, messages: list[pb.StoredMessage]) -> list[pb.StoredMessage]:
-        """Redelivery's way out: the same lookup and room calls, per app; returns what failed again."""
-        by_app: dict[str, list[pb.StoredMessage]] = {}
-        for m in messages:
-            by_app.setdefault(m.app, []).append(m)
-        failed: list[pb.StoredMessage] = []
-        for app_id, msgs in by_app.items():
-            delivered, _, _, again = await self._deliver(app_id, msgs)
-            self.tally.delivered += delivered
-            telemetry.DELIVERED.labels("unicast").inc(delivered)
-            failed += again
-        return failed
+        try:
+            await self.stores.store(next(self._owners), messages)
+        except batching.Overloaded as exc:
+            self._refuse(f"too many messages waiting for saver; retry shortly ({exc})")
+        except BACKEND_ERRORS as exc:  # not turned into a center error by the queue (should not happen)
+            raise unavailable("saver", exc) from exc
 
     async def _lookup(self, uids: list[str]) -> list[pb.UserSessions]:
-        return (await self._lookup_sessions(uids))[0]
-
-    async def _push_to_rooms(self, plan: dict[str, list[pb.StoredMessage]]) -> tuple[int, int]:
-        delivered, failures, _ = await self._push_plan(plan)
-        return delivered, failures
-
-    async def _lookup_sessions(self, uids: list[str]) -> tuple[list[pb.UserSessions], set[str]]:
-        """Sessions of ``uids``: one Register.Lookup per ``rpc_batch_items`` uids (one call by
-        default), and the uids whose lookup failed."""
-        step = self.rpc_batch_items
-        parts = [uids[i:i + step] for i in range(0, len(uids), step)]
-        replies = await asyncio.gather(
-            *(self.register.call("Lookup", pb.LookupRequest(uids=part)) for part in parts), return_exceptions=True)
-        users: list[pb.UserSessions] = []
-        lost: set[str] = set()
-        for part, reply in zip(parts, replies, strict=True):
-            if isinstance(reply, BaseException):
-                if not isinstance(reply, BACKEND_ERRORS):
-                    raise reply
-                self.tally.lookup_failures += 1
-                telemetry.LOOKUP_FAILURES.inc()
-                log.warning("Register.Lookup failed; messages are tried again shortly: %s", describe(reply))
-                lost.update(part)
-            else:
-                users.extend(reply.users)
-        return users, lost
+        """Sessions of ``uids`` through the shared Register.Lookup queue."""
+        try:
+            users, failed = await self.lookups.lookup(uids)
+        except batching.Overloaded as exc:
+            users, failed = [], True
+            log.warning("lookup queue full; messages wait in the inbox: %s", exc)
+        if failed:
+            self.tally.lookup_failures += 1
+            telemetry.LOOKUP_FAILURES.inc()
+        return users
 
     async def _room_addresses(self, wanted: Iterable[str]) -> dict[str, str]:
         """Room instance id -> gRPC address, re-reading discovery once for instances not cached yet."""
@@ -237,40 +231,40 @@ class PushService:
             return {}
         return {k: v for k, v in live.items() if k in wanted}
 
-    async def _push_plan(self, plan: dict[str, list[pb.StoredMessage]]
-                         ) -> tuple[int, int, list[pb.StoredMessage]]:
-        """(delivered, failed room instances, messages of room calls that failed). Messages for
-        an instance no longer in discovery are not among them: it died with its sessions, whose
-        clients reconnect and load their inboxes."""
+    async def _push_to_rooms(self, plan: dict[str, list]) -> tuple[int, int]:
+        """Deliveries and failed instances of ``plan`` (``plan_room_deliveries``; a plan of bare
+        messages from ``plan_room_pushes`` is taken too, counted one session each)."""
         if not plan:
-            return 0, 0, []
+            return 0, 0
+        plan = {inst: [i if isinstance(i, tuple) else (i, 1) for i in items] for inst, items in plan.items()}
         addresses = await self._room_addresses(plan)
+        # the instance died with sessions still registered: delivery at next connect
+        failed_instances = {inst for inst in plan if inst not in addresses}
         calls = []
-        for inst, msgs in plan.items():
+        for inst, items in plan.items():
             target = addresses.get(inst)
             if target is None:
-                # the instance died with sessions still registered: delivery at next connect
                 continue
-            for chunk in chunks_by_bytes(msgs, self.rpc_batch_bytes, self.rpc_batch_items):
-                calls.append((inst, chunk, self.rooms.call("Push", pb.PushRequest(messages=chunk), target=target,
-                                                           deadline_s=self.room_deadline_s)))
-        failed_instances = {inst for inst in plan if inst not in addresses}
-        failed: list[pb.StoredMessage] = []
-        delivered = 0
-        results = await asyncio.gather(*(c for _, _, c in calls), return_exceptions=True)
-        for (inst, chunk, _), result in zip(calls, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, BACKEND_ERRORS):
-                    raise result
+            try:
+                calls.append((inst, self.room_pushes.queue(target).submit_many(items)))
+            except batching.Overloaded as exc:
                 failed_instances.add(inst)
-                failed += chunk
-                log.warning("Room.Push to %s failed; messages are tried again shortly: %s", inst, describe(result))
-            else:
-                delivered += result.delivered
+                log.warning("Room.Push queue for %s full; messages wait in the inbox: %s", inst, exc)
+        delivered = 0
+        if calls:
+            results = await _gather_settled([c for _, c in calls])
+            for (inst, _), result in zip(calls, results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, BACKEND_ERRORS):
+                        raise result
+                    failed_instances.add(inst)
+                    log.warning("Room.Push to %s failed; messages wait in the inbox: %s", inst, describe(result))
+                else:
+                    delivered += sum(result)
         if failed_instances:
             self.tally.room_failures += len(failed_instances)
             telemetry.ROOM_FAILURES.labels("Push").inc(len(failed_instances))
-        return delivered, len(failed_instances), failed
+        return delivered, len(failed_instances)
 
     # ------------------------------------------------------------ broadcast
 
@@ -312,3 +306,13 @@ class PushService:
             telemetry.ROOM_FAILURES.labels("Broadcast").inc(failed)
         telemetry.PUSH_SECONDS.labels("broadcast").observe(time.perf_counter() - started)
         return BroadcastResult(message.msg_id, len(rooms), delivered, failed)
+
+
+async def _gather_settled(coros: list) -> list:
+    """Results of ``coros`` run concurrently, an exception in place of a failed one's result."""
+    if len(coros) == 1:
+        try:
+            return [await coros[0]]
+        except Exception as exc:
+            return [exc]
+    return await asyncio.gather(*coros, return_exceptions=True)

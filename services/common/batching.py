@@ -14,7 +14,8 @@ When a batch leaves (group commit, adaptive to load):
     RPC costs ~150-500 us of CPU on each side whatever it carries, DESIGN.md §2); while every
     one of ``max_concurrent_flushes`` slots is busy it keeps filling. With a slot free it may
     also leave ``delay_s`` after its first item, so one slow call does not hold the next batch.
-  - ``max_batch`` items: at once (a slot permitting).
+  - ``max_batch`` items, or ``max_weight`` by ``weigh(item)`` (say, messages in a request): at
+    once (a slot permitting); a batch never carries more, except one item heavier on its own.
   - storm (``busy_delay_s`` set): while items arrive at ``busy_rate``/s or more and the calls
     themselves take time (the smoothed latency of the last flushes, ``srtt``), a batch waits
     for company: long enough to gather ``busy_items`` at the current rate, but at most
@@ -53,7 +54,8 @@ class Batcher(Generic[T]):
     def __init__(self, name: str, flush: Callable[[list[T]], Awaitable[Sequence[Any] | None]], *,
                  max_batch: int = 500, delay_s: float = 0.002, max_pending: int = 50_000,
                  max_concurrent_flushes: int = 4, busy_delay_s: float | None = None,
-                 busy_rate: float = 0.0, busy_items: int = 0, busy_rtt_factor: float | None = None) -> None:
+                 busy_rate: float = 0.0, busy_items: int = 0, busy_rtt_factor: float | None = None,
+                 weigh: Callable[[T], int] | None = None, max_weight: int = 0) -> None:
         if max_batch < 1 or max_concurrent_flushes < 1 or max_pending < 1:
             raise ValueError(f"{name}: max_batch, max_concurrent_flushes and max_pending must be >= 1")
         self.name = name
@@ -66,6 +68,10 @@ class Batcher(Generic[T]):
         self.busy_rate = busy_rate
         self.busy_items = busy_items or max_batch
         self.busy_rtt_factor = busy_rtt_factor
+        self._weigh = weigh
+        self.max_weight = max_weight if weigh is not None else 0
+        self._weights: list[int] = []
+        self._queued_weight = 0
         self._items: list[T] = []
         self._dones: list[Done | None] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
@@ -108,7 +114,11 @@ class Batcher(Generic[T]):
         self._items.append(item)
         self._dones.append(done)
         self._pending += 1
-        if len(self._items) >= self.max_batch:
+        if self.max_weight:
+            w = self._weigh(item)
+            self._weights.append(w)
+            self._queued_weight += w
+        if self._full():
             self._start_flush()
         elif self._timer is None and not self._slot_wait:
             self._arm(loop, now)
@@ -202,8 +212,9 @@ class Batcher(Generic[T]):
             self._slot_wait = True  # cut when a slot frees (_flush_finished)
             return
         self._slot_wait = False
-        items, dones = self._items[:self.max_batch], self._dones[:self.max_batch]
-        del self._items[:self.max_batch], self._dones[:self.max_batch]
+        n = self._cut_size()
+        items, dones = self._items[:n], self._dones[:n]
+        del self._items[:n], self._dones[:n]
         self._depth.set(self._pending)
         loop = asyncio.get_running_loop()
         task = loop.create_task(self._run(items, dones, loop.time()))
@@ -215,12 +226,29 @@ class Batcher(Generic[T]):
             self._first_at = now
             self._arm(loop, now)
 
+    def _cut_size(self) -> int:
+        """Items of the next batch: up to max_batch, and up to max_weight (at least one item)."""
+        n = min(len(self._items), self.max_batch)
+        if self.max_weight:
+            total = 0
+            for i, w in enumerate(self._weights[:n]):
+                if i and total + w > self.max_weight:
+                    n = i
+                    break
+                total += w
+            del self._weights[:n]
+            self._queued_weight -= total
+        return n
+
+    def _full(self) -> bool:
+        return len(self._items) >= self.max_batch or bool(self.max_weight and self._queued_weight >= self.max_weight)
+
     def _flush_finished(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
         if not self._items:
             return
         loop = asyncio.get_running_loop()
-        if len(self._items) >= self.max_batch:
+        if self._full():
             self._start_flush()
         elif self._storm_hold and self._due_at > loop.time():
             if self._timer is None:  # the due time passed while every slot was busy

@@ -85,6 +85,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
         await discovery.close()
         await server.stop(cfg.shutdown_grace_s)
         await guard.close()
+        await store.close(cfg.shutdown_grace_s)
         await journal.close(cfg.shutdown_grace_s)
         pool.close()
         await pool.wait_closed()

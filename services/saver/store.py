@@ -10,6 +10,14 @@ What each answer means (every write is committed to MySQL before the RPC returns
                 parked, attempts), so a rebuild restores it.
 Store, LoadInbox and MarkDelivered wait while Redis is being rebuilt from MySQL (EpochGuard),
 up to the caller's deadline, and run again what Redis refused for want of an epoch.
+
+Concurrent Store RPCs share their work (group commit): each RPC's validated messages are one
+item of a ``Batcher``, and a flush numbers, journals and writes the messages of every RPC in it
+together: one Redis pipeline to number them, one multi-row INSERT (through the journal's own
+batcher) and one Redis pipeline to write them, whatever number of RPCs they came from. A flush
+leaves at once when none is in flight and gathers behind one that is; an RPC's messages are
+never split across flushes, so they are numbered in request order. A failed flush fails the
+RPCs in it, and only those.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
+from services.common.batching import Batcher
 from services.common.pb import internal_pb2
 from services.saver import keys, validation
 from services.saver import metrics as m
@@ -30,6 +39,10 @@ from services.saver.journal import MessageJournal
 # Runs of an operation that Redis refused for want of an epoch: the first meets the loss, the
 # second runs on the rebuilt data; a third covers a second loss during the rebuild.
 EPOCH_TRIES = 3
+# Messages in one shared Store flush (its Redis pipelines hold two commands per message).
+STORE_FLUSH_MESSAGES = 5000
+# Store RPCs waiting for a flush at most (each one is also bounded by max_items messages).
+STORE_MAX_PENDING_CALLS = 2000
 
 
 def _now_ms() -> int:
@@ -44,6 +57,11 @@ class MessageStore:
         self.guard = guard
         self.cfg = cfg
         self._now_ms = clock_ms
+        # item: (validated messages of one Store RPC, loop time until which it may wait for a rebuild)
+        self._stores: Batcher[tuple[list, float]] = Batcher(
+            "saver_store", self._store_flush, max_batch=STORE_MAX_PENDING_CALLS, max_weight=STORE_FLUSH_MESSAGES,
+            weigh=lambda call: len(call[0]), delay_s=cfg.mysql_batch_delay_s, max_pending=STORE_MAX_PENDING_CALLS,
+            max_concurrent_flushes=cfg.mysql_flush_concurrency)
 
     def _deadline(self, wait_s: float | None) -> float:
         """Loop time until which this call may wait for a rebuild."""
@@ -62,6 +80,21 @@ class MessageStore:
         if not items:
             return []
         deadline = self._deadline(wait_s)
+        await self._until_whole(deadline)
+        return (await self._stores.submit_many([(items, deadline)]))[0]
+
+    async def _store_flush(self, calls: list[tuple[list, float]]) -> list:
+        """The messages of every Store RPC in ``calls``, numbered, journaled and written together;
+        each RPC's seqs, in its order. A failure is every RPC's result (the adapter maps and logs
+        it, once per outage; the batcher would log it once per flush)."""
+        try:
+            return await self._store_together(calls)
+        except Exception as exc:
+            return [exc] * len(calls)
+
+    async def _store_together(self, calls: list[tuple[list, float]]) -> list[list[int]]:
+        items = [it for call_items, _ in calls for it in call_items]
+        deadline = min(d for _, d in calls)
         for _ in range(EPOCH_TRIES):
             await self._until_whole(deadline)
             try:
@@ -72,8 +105,16 @@ class MessageStore:
                 self.guard.lost()
                 continue
             m.STORED.inc(len(items))
-            return seqs
+            out, pos = [], 0
+            for call_items, _ in calls:
+                out.append(seqs[pos:pos + len(call_items)])
+                pos += len(call_items)
+            return out
         raise BackendUnavailable("Redis", "lost its data again while this batch was stored; retry")
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Finish the Store flushes queued or in flight."""
+        await self._stores.drain(timeout_s)
 
     async def load(self, raw_keys: Sequence[internal_pb2.InboxKey], limit: int,
                    wait_s: float | None = None) -> list[internal_pb2.Inbox]:

@@ -242,3 +242,14 @@ async def test_drain_flushes_what_is_queued():
         await asyncio.sleep(0)
     await b.drain(1)
     assert sum(map(len, rec.batches)) == 3 and b.pending == 0
+
+
+async def test_batches_are_bounded_by_weight_too_and_a_heavy_item_travels_alone():
+    rec = Recorder(delay=0.01)
+    b = Batcher("t_weight", rec, max_batch=100, max_weight=10, weigh=lambda x: x, max_concurrent_flushes=1)
+    b.submit(1)
+    await asyncio.sleep(0)  # in flight alone
+    for w in (4, 4, 4, 30, 2):
+        b.submit(w)
+    await b.drain(2)
+    assert rec.batches == [[1], [4, 4], [4], [30], [2]]
