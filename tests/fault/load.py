@@ -45,7 +45,7 @@ class ClientStats:
     connects: int = 0
     resumed: int = 0
     disconnects: int = 0
-    duplicates_dropped: int = 0
+    dropped_by_replaced: int = 0   # duplicates dropped by clients of this uid that were replaced
     last_disconnect: str = ""
     closed_reason: str = ""
 
@@ -97,29 +97,6 @@ class Ledger:
                     if a is not None and uid != a.uid:
                         out.append((m, a.uid, uid))
             return out
-
-
-class _CountingRecent:
-    """Wraps the SDK's memory of delivered ids to count the duplicates it drops."""
-
-    def __init__(self, inner, stats: ClientStats) -> None:
-        self._inner = inner
-        self._stats = stats
-
-    def seen(self, msg_id: int) -> bool:
-        hit = self._inner.seen(msg_id)
-        if hit:
-            self._stats.duplicates_dropped += 1
-        return hit
-
-    def __getattr__(self, name):
-        return getattr(self._inner, name)
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __contains__(self, msg_id) -> bool:
-        return msg_id in self._inner
 
 
 @dataclass
@@ -187,10 +164,6 @@ class LoadHarness:
                              on_message=self._handler(uid), on_event=self._on_event(st),
                              connect_timeout_s=3, auth_timeout_s=3, pong_timeout_s=5,
                              reconnect_min_s=0.2, reconnect_max_s=2.0)
-        if not hasattr(client, "duplicates_dropped"):  # an SDK without the counter: watch its dedupe
-            recent = getattr(client, "_recent", None)
-            if recent is not None and hasattr(recent, "seen"):
-                client._recent = _CountingRecent(recent, st)
         return client
 
     def uid_for(self, name: str) -> str:
@@ -222,6 +195,7 @@ class LoadHarness:
                 revived[uid] = c.close_reason
                 await c.close()
                 self.stats[uid].closed_reason = c.close_reason
+                self.stats[uid].dropped_by_replaced += c.duplicates_dropped
                 fresh = self._client(uid)
                 self.clients[uid] = fresh
                 fresh_start = self.loop.create_task(fresh.start())
@@ -258,10 +232,9 @@ class LoadHarness:
         for uid, c in self.clients.items():
             addr = c.address
             st = self.stats[uid]
-            dropped = getattr(c, "duplicates_dropped", st.duplicates_dropped)
             out[uid] = {"connected": c.connected, "port": addr.port if addr is not None else None,
                         "state": c.state.value, "connects": st.connects, "resumed": st.resumed,
-                        "disconnects": st.disconnects, "duplicates_dropped": dropped,
+                        "disconnects": st.disconnects, "duplicates_dropped": st.dropped_by_replaced + c.duplicates_dropped,
                         "last_disconnect": st.last_disconnect, "close_reason": c.close_reason}
         return out
 
