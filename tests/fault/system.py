@@ -419,6 +419,8 @@ class FaultSystem:
     def stop(self) -> None:
         room = self.services.get("room")
         instances = procs.children(room.pid) if room is not None and room.alive() else []
+        for sp in self.services.values():  # all at once: each drains on its own, in parallel
+            sp.signal(signal.SIGTERM)
         for name in reversed(SERVICE_ORDER):
             sp = self.services.pop(name, None)
             if sp is not None:
