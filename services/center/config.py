@@ -57,6 +57,8 @@ class CenterConfig:
         require(not self.admin_key or len(self.admin_key) >= 8, "center.admin_key", "must be empty or >= 8 characters")
         require(1024 <= self.max_body_bytes <= 64 * 1024 * 1024, "center.max_body_bytes", "must be 1 KiB .. 64 MiB")
         require(1 <= self.processes <= 64, "center.processes", "must be 1 .. 64")
+        require(self.processes == 1 or self.port != 0, "center.processes",
+                "several processes share one fixed port: set center.port (not 0)")
         require(1 <= self.max_uids_per_push <= 100_000, "center.max_uids_per_push", "must be 1 .. 100000")
         require(1 <= self.max_messages_per_push <= 10_000, "center.max_messages_per_push", "must be 1 .. 10000")
         require(1 <= self.max_payload_bytes <= MAX_FRAME_BYTES - FRAME_HEADROOM_BYTES, "center.max_payload_bytes",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -10,7 +11,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.center import validation
 from services.center.app_registry import AppRegistry, app_view
 from services.center.auth import Authenticator, Principal
-from services.center.batch_push import push_messages
 from services.center.http_errors import json_response, make_middleware
 from services.center.messages import MessageQuery, state_view
 from services.center.push import PushService
@@ -80,7 +80,8 @@ class CenterApi:
     # ------------------------------------------------------------ ops
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return json_response({"status": "ok"})
+        # which process answered: with center.processes > 1 the kernel picks one per connection
+        return json_response({"status": "ok", "center": self.p.stats.center_id, "pid": os.getpid()})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -110,7 +111,7 @@ class CenterApi:
         body = decode_push(await request.read(), self.p.limits)
         app = await self.p.auth.target_app(principal, body.app)
         if isinstance(body, validation.BatchPushBody):
-            result = await push_messages(self.p.push, app, body.messages)
+            result = await self.p.push.push_messages(app, body.messages)
         else:
             result = await self.p.push.push(app, body.uids, body.payload, body.ttl_s)
         return json_response({"msg_ids": [str(i) for i in result.msg_ids], "online": result.online,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import pathlib
+import sys
 
 import pymysql
 from aiohttp import web
@@ -17,6 +19,7 @@ from services.center.config import CenterConfig
 from services.center.errors import BackendUnavailable
 from services.center.http_api import CenterParts, make_app
 from services.center.messages import MessageQuery
+from services.center.processes import ProcessRole, supervise
 from services.center.push import PushService
 from services.center.ratelimit import RateLimiter
 from services.center.stats import StatsCollector
@@ -39,11 +42,25 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, help="HTTP port (0 = any free port)")
     p.add_argument("--metrics-port", type=int, help="extra /metrics listener (0 = only on the HTTP port)")
     p.add_argument("--admin-key", help="Bearer key for admin routes")
+    p.add_argument("--processes", type=int,
+                   help="center processes sharing the HTTP port (SO_REUSEPORT), one event loop and core each")
 
 
 def main(args) -> int:
-    return runtime.launch("center", CenterConfig, args.config, serve, host=args.host, port=args.port,
-                          metrics_port=args.metrics_port, admin_key=args.admin_key)
+    from services.common import config, logs
+
+    try:
+        common, cfg = config.load(CenterConfig, "center", args.config, host=args.host, port=args.port,
+                                  metrics_port=args.metrics_port, admin_key=args.admin_key,
+                                  processes=getattr(args, "processes", None))
+    except config.ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 1
+    logs.setup("center", common.log_level)
+    if cfg.processes > 1:
+        return supervise(cfg.processes, lambda role: runtime.run(lambda stop: serve(common, cfg, stop, role)),
+                         cfg.shutdown_grace_s)
+    return runtime.run(lambda stop: serve(common, cfg, stop))
 
 
 async def _republish_loop(registry: AppRegistry, every_s: float) -> None:
@@ -55,7 +72,8 @@ async def _republish_loop(registry: AppRegistry, every_s: float) -> None:
             log.warning("periodic app republish failed: %s", exc)
 
 
-async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event) -> None:
+async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, role: ProcessRole | None = None) -> None:
+    """One center process; ``role`` says which of the ``center.processes`` sharing the port it is."""
     rdb = runtime.redis_client(common.redis_url)
     pool = None
     try:
@@ -79,12 +97,12 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event) ->
     register = ServiceClient(discovery, channels, "register", rpc_pb.RegisterStub, deadline)
     rooms = ServiceClient(discovery, channels, "room", rpc_pb.RoomStub, cfg.room_deadline_s)
     coordinator = ServiceClient(discovery, channels, "coordinator", rpc_pb.CoordinatorStub, deadline)
-    tally = Tally()
+    tally = role.tallies.slot(role.index) if role is not None else Tally()
     registry = AppRegistry(pool, rdb, cfg.app_cache_ttl_s, cfg.app_cache_miss_ttl_s)
     push = PushService(ids=ids.IdGenerator(node), saver=saver, register=register, rooms=rooms, limiter=RateLimiter(),
                        tally=tally, room_deadline_s=cfg.room_deadline_s, rpc_batch_bytes=cfg.rpc_batch_bytes,
                        rpc_batch_items=cfg.rpc_batch_items, max_in_flight_bytes=cfg.max_in_flight_bytes)
-    stats = StatsCollector(discovery, tally)
+    stats = StatsCollector(discovery, tally, group=role.tallies if role is not None else None)
     parts = CenterParts(auth=Authenticator(registry, cfg.admin_key), registry=registry, push=push,
                         users=UserService(register, coordinator), messages=MessageQuery(saver), stats=stats,
                         tally=tally, limits=Limits.from_config(cfg),
@@ -94,21 +112,30 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event) ->
 
     runner = web.AppRunner(make_app(parts, cfg.max_body_bytes), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    # with several processes each binds its own socket to the port and the kernel spreads connections
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=role is not None)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
     port = runner.addresses[0][1]
-    metrics_server = await metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+    if role is None:
+        metrics_server = await metrics.serve(cfg.host, cfg.metrics_port) if cfg.metrics_port else None
+        center_id = f"center-{common.advertise_host}:{port}"
+    else:
+        # /metrics on the shared port answers from whichever process the kernel picked: each process
+        # also serves its own (metrics_port + i, or any free port) and announces it in discovery
+        metrics_server = await metrics.serve(cfg.host, cfg.metrics_port + role.index if cfg.metrics_port else 0)
+        center_id = f"center-{common.advertise_host}:{port}/{role.index}"
     metrics_addr = f"{common.advertise_host}:{metrics.bound_port(metrics_server) if metrics_server else port}"
-    me = Instance(service="center", id=f"center-{common.advertise_host}:{port}", host=common.advertise_host, port=port,
-                  metrics=metrics_addr, region=common.region)
+    me = Instance(service="center", id=center_id, host=common.advertise_host, port=port, metrics=metrics_addr,
+                  region=common.region)
     stats.center_id = me.id
     await discovery.announce(me)
     republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s))
-    log.info("center listening on %s:%d (id %s)", cfg.host, port, me.id)
+    log.info("center listening on %s:%d (id %s, pid %d, metrics %s)", cfg.host, port, me.id, os.getpid(),
+             metrics_addr)
 
     try:
         await stop.wait()

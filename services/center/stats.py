@@ -1,13 +1,16 @@
-"""The /v1/stats snapshot: rooms and their load, instances per service, this center's tallies."""
+"""The /v1/stats snapshot: rooms and their load, instances per service, this center's tallies (summed over
+the processes that share its port)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from services.center.backend import BACKEND_ERRORS, unavailable
+from services.center.shared_tally import SharedTallies
 from services.center.telemetry import Tally
 from services.common.discovery import Discovery
 
@@ -17,9 +20,11 @@ MAX_LISTED_ROOMS = 500  # the dashboard table; the totals always cover every roo
 
 class StatsCollector:
     def __init__(self, discovery: Discovery, tally: Tally, center_id: str = "",
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, group: SharedTallies | None = None) -> None:
         self.discovery = discovery
         self.tally = tally
+        # the processes sharing this center's port: counters are their sum, whichever one answers
+        self.group = group
         self.center_id = center_id
         self._clock = clock
         self._started = clock()
@@ -44,6 +49,7 @@ class StatsCollector:
                               for r in rooms[:MAX_LISTED_ROOMS]],
             },
             "instances": {s: len(v) for s, v in by_service.items()},
-            "center": {"id": self.center_id, "uptime_s": round(self._clock() - self._started, 1)},
-            "counters": self.tally.to_dict(),
+            "center": {"id": self.center_id, "uptime_s": round(self._clock() - self._started, 1), "pid": os.getpid(),
+                       "processes": self.group.slots if self.group is not None else 1},
+            "counters": self.group.total() if self.group is not None else self.tally.to_dict(),
         }

@@ -108,10 +108,12 @@ ROOM_NICE = 5
 class LocalCluster:
     def __init__(self, var_dir: str, ports: Ports | None = None, room_instances: int = 2,
                  common: CommonConfig | None = None, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", center_processes: int = 1) -> None:
         self.var = os.path.abspath(var_dir)
         self.ports = ports or Ports()
         self.room_instances = room_instances
+        # center processes sharing the center port (SO_REUSEPORT), forked by one `pylon center`
+        self.center_processes = center_processes
         self.host = host
         self.extra_env = env or {}
         self.common = common  # None: start our own Redis and MariaDB
@@ -173,7 +175,9 @@ class LocalCluster:
             "saver": ServicePlan(["saver", "--host", h, "--grpc-port", str(p.saver)], [(h, p.saver)]),
             "coordinator": ServicePlan(["coordinator", "--host", h, "--grpc-port", str(p.coordinator)],
                                        [(h, p.coordinator)]),
-            "center": ServicePlan(["center", "--host", h, "--port", str(p.center)], [(h, p.center)]),
+            "center": ServicePlan(["center", "--host", h, "--port", str(p.center),
+                                   *(["--processes", str(self.center_processes)] if self.center_processes > 1 else [])],
+                                  [(h, p.center)]),
             "dispatcher": ServicePlan(["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)]),
             "room": ServicePlan(["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
                                  "--instances", str(self.room_instances)], self.room_addresses,

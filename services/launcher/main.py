@@ -17,6 +17,8 @@ def add_arguments(p) -> None:
     p.add_argument("--rooms", type=int, default=0, help="room instances (default: sized for --connections)")
     p.add_argument("--connections", type=int, default=100_000, help="connections the room tier is sized for")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--centers", type=int, default=1,
+                   help="center processes sharing the center port (SO_REUSEPORT), one core each (default 1)")
 
 
 def main(args) -> int:
@@ -25,7 +27,10 @@ def main(args) -> int:
     from services.room.config import RoomConfig
 
     rooms = args.rooms or RoomConfig(target_connections=args.connections, instances=0).instance_count()
-    cluster = LocalCluster(args.var, room_instances=rooms, host=args.host)
+    if not 1 <= args.centers <= 64:
+        print("pylon up: --centers must be 1 .. 64", file=sys.stderr)
+        return 1
+    cluster = LocalCluster(args.var, room_instances=rooms, host=args.host, center_processes=args.centers)
     stopping = False
 
     def on_signal(_sig, _frame):
@@ -34,7 +39,8 @@ def main(args) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"starting Redis, MariaDB and Pylon ({rooms} room instances) with data in {os.path.abspath(args.var)} ...",
+    centers = f", {args.centers} center processes" if args.centers > 1 else ""
+    print(f"starting Redis, MariaDB and Pylon ({rooms} room instances{centers}) with data in {os.path.abspath(args.var)} ...",
           flush=True)
     try:
         cluster.start()

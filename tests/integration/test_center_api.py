@@ -481,13 +481,15 @@ async def test_stats(center, app):
     assert status == 200, body
     assert body["instances"]["saver"] >= 1 and body["instances"]["register"] >= 1 and body["instances"]["center"] == 1
     assert body["rooms"]["count"] == 0 and body["counters"]["pushes"] >= 1 and body["counters"]["messages"] >= 1
+    assert body["center"]["processes"] == 1 and body["center"]["pid"] == center.procs["center"].pid
     status, body, _ = await call(center, "GET", "/v1/stats")
     assert_error(status, body, 401)
 
 
 async def test_health_metrics_dashboard(center):
     status, body, _ = await call(center, "GET", "/healthz")
-    assert status == 200 and body == {"status": "ok"}
+    assert status == 200 and body["status"] == "ok" and body["center"].startswith("center-")
+    assert body["pid"] == center.procs["center"].pid
     status, text, _ = await call(center, "GET", "/metrics")
     assert status == 200
     assert b'pylon_center_http_requests_total{method="POST",route="/v1/push",status="200"}' in text
