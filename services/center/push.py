@@ -29,6 +29,7 @@ from services.center import telemetry
 from services.center.backend import BACKEND_ERRORS, describe, unavailable
 from services.center.errors import Overloaded, RateLimited
 from services.center.ratelimit import RateLimiter
+from services.center.redelivery import Redelivery
 from services.center.shared_calls import (
     MESSAGE_OVERHEAD,
     LookupQueue,
@@ -140,6 +141,7 @@ class PushService:
         self.lookups = LookupQueue(register, max_batch=rpc_batch_items, max_pending=_MAX_QUEUED_ITEMS)
         self.room_pushes = RoomPushQueues(rooms, deadline_s=room_deadline_s, max_batch=rpc_batch_items,
                                           max_bytes=rpc_batch_bytes, max_pending=_MAX_QUEUED_ITEMS)
+        self.redelivery = Redelivery(self.deliver_again)
 
     def _admit(self, app: App, cost: int) -> None:
         wait = self.limiter.check(app.id, app.push_rate_per_s, cost)
@@ -186,9 +188,9 @@ class PushService:
             stored = [pb.StoredMessage(msg_id=i, uid=u, app=app_id, payload=p, created_ms=now_ms, ttl_s=t)
                       for i, (u, p, t) in zip(msg_ids, fields, strict=True)]
             await self._store(stored)
-            users = await self._lookup(list(dict.fromkeys(u for u, _, _ in fields)))
-            plan, online = plan_room_deliveries(stored, users, app_id)
-            delivered, failures = await self._push_to_rooms(plan)
+            delivered, online, failures, undelivered = await self._deliver(app_id, stored)
+            if undelivered:
+                self.redelivery.add(undelivered)
         self.tally.pushes += 1
         self.tally.messages += len(stored)
         self.tally.delivered += delivered
@@ -206,17 +208,43 @@ class PushService:
         except BACKEND_ERRORS as exc:  # not turned into a center error by the queue (should not happen)
             raise unavailable("saver", exc) from exc
 
+    async def _deliver(self, app_id: str, stored: list[pb.StoredMessage]
+                       ) -> tuple[int, int, int, list[pb.StoredMessage]]:
+        """Look up the stored messages' users and hand the messages to their rooms. Returns
+        (delivered, online uids, failed room instances, messages whose lookup or room call failed:
+        they are safe in their inboxes, and tried again by ``redelivery``)."""
+        users, lookup_failed = await self._lookup_sessions(list(dict.fromkeys(m.uid for m in stored)))
+        plan, online = plan_room_deliveries(stored, users, app_id)
+        delivered, failures, failed = await self._push_plan(plan)
+        return delivered, online, failures, (stored if lookup_failed else failed)
+
+    async def deliver_again(self, messages: list[pb.StoredMessage]) -> list[pb.StoredMessage]:
+        """Redelivery's way out: the same lookup and room calls, per app; returns what failed again."""
+        by_app: dict[str, list[pb.StoredMessage]] = {}
+        for m in messages:
+            by_app.setdefault(m.app, []).append(m)
+        again: list[pb.StoredMessage] = []
+        for app_id, msgs in by_app.items():
+            delivered, _, _, failed = await self._deliver(app_id, msgs)
+            self.tally.delivered += delivered
+            telemetry.DELIVERED.labels("unicast").inc(delivered)
+            again += failed
+        return again
+
     async def _lookup(self, uids: list[str]) -> list[pb.UserSessions]:
-        """Sessions of ``uids`` through the shared Register.Lookup queue."""
+        return (await self._lookup_sessions(uids))[0]
+
+    async def _lookup_sessions(self, uids: list[str]) -> tuple[list[pb.UserSessions], bool]:
+        """Sessions of ``uids`` through the shared Register.Lookup queue, and whether it failed."""
         try:
             users, failed = await self.lookups.lookup(uids)
         except batching.Overloaded as exc:
             users, failed = [], True
-            log.warning("lookup queue full; messages wait in the inbox: %s", exc)
+            log.warning("lookup queue full; messages are tried again shortly: %s", exc)
         if failed:
             self.tally.lookup_failures += 1
             telemetry.LOOKUP_FAILURES.inc()
-        return users
+        return users, bool(failed)
 
     async def _room_addresses(self, wanted: Iterable[str]) -> dict[str, str]:
         """Room instance id -> gRPC address, re-reading discovery once for instances not cached yet."""
@@ -232,39 +260,49 @@ class PushService:
         return {k: v for k, v in live.items() if k in wanted}
 
     async def _push_to_rooms(self, plan: dict[str, list]) -> tuple[int, int]:
-        """Deliveries and failed instances of ``plan`` (``plan_room_deliveries``; a plan of bare
-        messages from ``plan_room_pushes`` is taken too, counted one session each)."""
+        delivered, failures, _ = await self._push_plan(plan)
+        return delivered, failures
+
+    async def _push_plan(self, plan: dict[str, list]) -> tuple[int, int, list[pb.StoredMessage]]:
+        """Deliveries, failed instances and the messages of failed room calls of ``plan``
+        (``plan_room_deliveries``; a plan of bare messages from ``plan_room_pushes`` is taken too,
+        counted one session each). Messages for an instance no longer in discovery are not among
+        the failed: it died with its sessions, whose clients reconnect and load their inboxes."""
         if not plan:
-            return 0, 0
+            return 0, 0, []
         plan = {inst: [i if isinstance(i, tuple) else (i, 1) for i in items] for inst, items in plan.items()}
         addresses = await self._room_addresses(plan)
         # the instance died with sessions still registered: delivery at next connect
         failed_instances = {inst for inst in plan if inst not in addresses}
         calls = []
+        failed: list[pb.StoredMessage] = []
         for inst, items in plan.items():
             target = addresses.get(inst)
             if target is None:
                 continue
             try:
-                calls.append((inst, self.room_pushes.queue(target).submit_many(items)))
+                calls.append((inst, items, self.room_pushes.queue(target).submit_many(items)))
             except batching.Overloaded as exc:
                 failed_instances.add(inst)
-                log.warning("Room.Push queue for %s full; messages wait in the inbox: %s", inst, exc)
+                failed += [m for m, _ in items]
+                log.warning("Room.Push queue for %s full; messages are tried again shortly: %s", inst, exc)
         delivered = 0
         if calls:
-            results = await _gather_settled([c for _, c in calls])
-            for (inst, _), result in zip(calls, results, strict=True):
+            results = await _gather_settled([c for _, _, c in calls])
+            for (inst, items, _), result in zip(calls, results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, BACKEND_ERRORS):
                         raise result
                     failed_instances.add(inst)
-                    log.warning("Room.Push to %s failed; messages wait in the inbox: %s", inst, describe(result))
+                    failed += [m for m, _ in items]
+                    log.warning("Room.Push to %s failed; messages are tried again shortly: %s", inst,
+                                describe(result))
                 else:
                     delivered += sum(result)
         if failed_instances:
             self.tally.room_failures += len(failed_instances)
             telemetry.ROOM_FAILURES.labels("Push").inc(len(failed_instances))
-        return delivered, len(failed_instances)
+        return delivered, len(failed_instances), failed
 
     # ------------------------------------------------------------ broadcast
 
