@@ -354,6 +354,65 @@ def server_processes(cluster) -> dict[int, str]:
     return names
 
 
+def rpc_counts(cluster) -> dict[str, float]:
+    """Client-side RPC counts of every process, by "service.Method" (pylon_rpc_seconds_count)."""
+    import urllib.request
+
+    import redis
+
+    r = redis.Redis(host=cluster.host, port=cluster.ports.redis)
+    out: dict[str, float] = {}
+    try:
+        for service in ("room", "center", "register", "saver", "coordinator", "dispatcher"):
+            for raw in r.hvals(f"pylon:discinfo:{service}"):
+                info = json.loads(raw)
+                if not info.get("metrics"):
+                    continue
+                try:
+                    with urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=5) as resp:
+                        body = resp.read().decode()
+                except OSError:
+                    continue
+                for line in body.splitlines():
+                    # client-side RPCs (count and seconds), the saver's MySQL statements and rows
+                    for prefix, kind, name in (("pylon_rpc_seconds_", "rpc", "method"),
+                                               ("pylon_saver_mysql_seconds_", "mysql", "op"),
+                                               ("pylon_saver_mysql_batch_rows_", "mysql_rows", "op")):
+                        if not line.startswith(prefix) or "_bucket" in line or "{" not in line:
+                            continue
+                        stat = line[len(prefix):line.index("{")]  # count | sum
+                        labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+                        label = labels[name].strip(chr(34))
+                        if kind == "rpc":
+                            label = f"{labels['service'].strip(chr(34))}.{label}"
+                        key = f"{kind}:{label}:{stat}"
+                        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    finally:
+        r.close()
+    return out
+
+
+def internal_stats(before: dict[str, float], after: dict[str, float], messages: int) -> dict:
+    """Per phase: internal RPCs per message and their mean latency (ms); the saver's MySQL
+    statements per message, their mean latency (the group commit: innodb_flush_log_at_trx_commit
+    = 1, so each one waits for its log flush) and rows per statement."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    rpcs, rpc_ms, mysql, mysql_ms, rows = {}, {}, {}, {}, {}
+    for key, v in d.items():
+        kind, label, stat = key.split(":")
+        if stat != "count" or v <= 0:
+            continue
+        total = d.get(f"{kind}:{label}:sum", 0.0)
+        if kind == "rpc":
+            rpcs[label], rpc_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
+        elif kind == "mysql":
+            mysql[label], mysql_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
+        else:
+            rows[label] = round(total / v, 1)
+    return {"rpcs_per_msg": dict(sorted(rpcs.items())), "rpc_mean_ms": dict(sorted(rpc_ms.items())),
+            "mysql_statements_per_msg": mysql, "mysql_statement_mean_ms": mysql_ms, "mysql_rows_per_statement": rows}
+
+
 def cpu_by_pid(pids) -> dict[int, float]:
     return {pid: conn_bench.cpu_s(pid) for pid in pids}
 
@@ -394,6 +453,9 @@ async def run(args, result: dict) -> None:
         await loop.run_in_executor(None, cluster.start)
         app = await loop.run_in_executor(None, cluster.create_demo_app)
         names = server_processes(cluster)
+        if args.pids_out:  # for a profiler attached from outside (py-spy record -p PID)
+            with open(args.pids_out, "w") as fh:
+                json.dump({str(pid): name for pid, name in names.items()}, fh)
         n_workers = -(-n // PER_WORKER)
         per = -(-n // n_workers)
         events: asyncio.Queue = asyncio.Queue()
@@ -432,6 +494,7 @@ async def run(args, result: dict) -> None:
         for spec in args.phases.split(","):
             kind, _, arg = spec.partition(":")
             phase = f"p{len(phases_out)}"
+            rpc0 = await loop.run_in_executor(None, rpc_counts, cluster)
             cpu0 = cpu_by_pid(server_pids)
             cl0 = sum(conn_bench.cpu_s(w.pid) for w in workers) + conn_bench.cpu_s(me)
             m0 = conn_bench.machine_busy_s()
@@ -455,6 +518,7 @@ async def run(args, result: dict) -> None:
             cpu1 = cpu_by_pid(server_pids)
             cl1 = sum(conn_bench.cpu_s(w.pid) for w in workers) + conn_bench.cpu_s(me)
             m1 = conn_bench.machine_busy_s()
+            rpc1 = await loop.run_in_executor(None, rpc_counts, cluster)
             by_service: dict[str, float] = {}
             for pid in server_pids:
                 by_service[names[pid]] = by_service.get(names[pid], 0.0) + cpu1[pid] - cpu0[pid]
@@ -473,6 +537,7 @@ async def run(args, result: dict) -> None:
                 "server_cpu_pct": round(100 * server_s / max(elapsed + args.settle_s, 1e-9)),
                 "client_cpu_us_per_msg": round((cl1 - cl0) * 1e6 / ok),
                 "machine_busy_pct": round(100 * (m1 - m0) / max(elapsed + args.settle_s, 1e-9) / os.cpu_count()),
+                **internal_stats(rpc0, rpc1, ok),
             })
             print(json.dumps({"phase_done": phases_out[-1]["phase"],
                               "messages_per_s": phases_out[-1].get("messages_per_s"),
@@ -542,6 +607,7 @@ def main() -> int:
     p.add_argument("--phase-messages", type=int, default=200_000, help="most messages a phase sends")
     p.add_argument("--settle-s", type=float, default=2.0, help="wait after a phase before CPU is read")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument("--pids-out", default="", help="write {pid: service} of the server processes here")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the services, e.g. PYLON_ROOM_BATCH_DELAY_MS=10")
     # worker mode (internal; same flags as bench/connections.py's worker)

@@ -14,6 +14,9 @@ When a batch leaves (group commit, adaptive to load):
     RPC costs ~150-500 us of CPU on each side whatever it carries, DESIGN.md §2); while every
     one of ``max_concurrent_flushes`` slots is busy it keeps filling. With a slot free it may
     also leave ``delay_s`` after its first item, so one slow call does not hold the next batch.
+  - ``linger_s``: for work nobody waits on (acks, delivery counts, status events) a batch
+    waits this long after its first item even when nothing is in flight: fewer calls, and the
+    latency is nobody's.
   - ``max_batch`` items, or ``max_weight`` by ``weigh(item)`` (say, messages in a request): at
     once (a slot permitting); a batch never carries more, except one item heavier on its own.
   - storm (``busy_delay_s`` set): while items arrive at ``busy_rate``/s or more and the calls
@@ -55,7 +58,7 @@ class Batcher(Generic[T]):
                  max_batch: int = 500, delay_s: float = 0.002, max_pending: int = 50_000,
                  max_concurrent_flushes: int = 4, busy_delay_s: float | None = None,
                  busy_rate: float = 0.0, busy_items: int = 0, busy_rtt_factor: float | None = None,
-                 weigh: Callable[[T], int] | None = None, max_weight: int = 0) -> None:
+                 weigh: Callable[[T], int] | None = None, max_weight: int = 0, linger_s: float = 0.0) -> None:
         if max_batch < 1 or max_concurrent_flushes < 1 or max_pending < 1:
             raise ValueError(f"{name}: max_batch, max_concurrent_flushes and max_pending must be >= 1")
         self.name = name
@@ -68,6 +71,7 @@ class Batcher(Generic[T]):
         self.busy_rate = busy_rate
         self.busy_items = busy_items or max_batch
         self.busy_rtt_factor = busy_rtt_factor
+        self.linger_s = linger_s
         self._weigh = weigh
         self.max_weight = max_weight if weigh is not None else 0
         self._weights: list[int] = []
@@ -76,7 +80,7 @@ class Batcher(Generic[T]):
         self._dones: list[Done | None] = []
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._due_at = 0.0        # loop time the armed timer fires (0: at once)
-        self._storm_hold = False  # the queued batch is held by the storm rule (not cut by a returning flush)
+        self._hold = False  # the queued batch is held by the storm rule or linger_s (not cut by a returning flush)
         self._pending = 0  # queued + in flight
         self._slot_wait = False  # the queued batch is due but every flush slot is busy
         self._tasks: set[asyncio.Task] = set()
@@ -183,18 +187,18 @@ class Batcher(Generic[T]):
 
     def _arm(self, loop: asyncio.AbstractEventLoop, now: float) -> None:
         """Arm the cut of the queued batch (its first item arrived at ``_first_at``)."""
-        storm = self.storm_wait(now)
-        if storm > 0:
-            self._storm_hold = True
-            self._due_at = self._first_at + storm
+        hold = max(self.storm_wait(now), self.linger_s)
+        if hold > 0:
+            self._hold = True
+            self._due_at = self._first_at + hold
             self._timer = loop.call_at(self._due_at, self._on_timer)
         elif not self._tasks:
-            self._storm_hold = False
+            self._hold = False
             self._due_at = 0.0
             self._timer = loop.call_soon(self._on_timer)  # idle: at once
         else:
             # a flush is in flight: gather until it returns (_flush_finished), or delay_s
-            self._storm_hold = False
+            self._hold = False
             self._due_at = self._first_at + self.delay_s
             self._timer = loop.call_at(self._due_at, self._on_timer)
 
@@ -250,7 +254,7 @@ class Batcher(Generic[T]):
         loop = asyncio.get_running_loop()
         if self._full():
             self._start_flush()
-        elif self._storm_hold and self._due_at > loop.time():
+        elif self._hold and self._due_at > loop.time():
             if self._timer is None:  # the due time passed while every slot was busy
                 self._timer = loop.call_at(self._due_at, self._on_timer)
         else:

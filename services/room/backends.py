@@ -65,14 +65,15 @@ class RoomBackends:
         connect_kw = dict(kw, delay_s=cfg.connect_batch_delay_ms / 1000, busy_delay_s=cfg.storm_batch_delay_ms / 1000,
                           busy_rate=cfg.storm_connects_per_s, busy_items=cfg.storm_batch_items,
                           busy_rtt_factor=cfg.storm_rtt_factor)
+        background_kw = dict(kw, linger_s=cfg.background_linger_ms / 1000)
         self.register = Batcher("room_register", self._register, max_pending=cfg.max_pending_auth, **connect_kw)
-        self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **kw)
+        self.unregister = Batcher("room_unregister", self._unregister, max_pending=200_000, **background_kw)
         self.load_inbox = Batcher("room_load_inbox", self._load_inbox, max_pending=cfg.max_pending_auth,
                                   **connect_kw)
-        self.delivered = Batcher("room_delivered", self._delivered, max_pending=200_000, **kw)
-        self.ack = Batcher("room_ack", self._ack, max_pending=200_000, **kw)
-        self.upstream = Batcher("room_upstream", self._upstream, max_pending=20_000, **kw)
-        self.status = Batcher("room_status", self._status, max_pending=200_000, **kw)
+        self.delivered = Batcher("room_delivered", self._delivered, max_pending=200_000, **background_kw)
+        self.ack = Batcher("room_ack", self._ack, max_pending=200_000, **background_kw)
+        self.upstream = Batcher("room_upstream", self._upstream, max_pending=20_000, **kw)  # the client waits
+        self.status = Batcher("room_status", self._status, max_pending=200_000, **background_kw)
         self.inbox_limit = cfg.inbox_load_limit
 
     @property

@@ -253,3 +253,17 @@ async def test_batches_are_bounded_by_weight_too_and_a_heavy_item_travels_alone(
         b.submit(w)
     await b.drain(2)
     assert rec.batches == [[1], [4, 4], [4], [30], [2]]
+
+
+async def test_linger_holds_background_work_even_when_nothing_is_in_flight():
+    rec = Recorder()
+    b = Batcher("t_linger", rec, linger_s=0.05)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    b.submit(1)
+    await asyncio.sleep(0.02)
+    b.submit(2)
+    assert rec.batches == []
+    while not rec.batches:
+        await asyncio.sleep(0.005)
+    assert rec.batches == [[1, 2]] and loop.time() - t0 >= 0.05
