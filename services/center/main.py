@@ -19,7 +19,7 @@ from services.center.config import CenterConfig
 from services.center.errors import BackendUnavailable
 from services.center.http_api import CenterParts, make_app
 from services.center.messages import MessageQuery
-from services.center.processes import ProcessRole, supervise
+from services.center.processes import ProcessRole, port_taken, supervise
 from services.center.push import PushService
 from services.center.ratelimit import RateLimiter
 from services.center.stats import StatsCollector
@@ -58,6 +58,10 @@ def main(args) -> int:
         return 1
     logs.setup("center", common.log_level)
     if cfg.processes > 1:
+        taken = port_taken(cfg.host, cfg.port)
+        if taken is not None:
+            print(f"cannot start: {cfg.host}:{cfg.port}: {taken}", file=sys.stderr)
+            return 1
         return supervise(cfg.processes, lambda role: runtime.run(lambda stop: serve(common, cfg, stop, role)),
                          cfg.shutdown_grace_s)
     return runtime.run(lambda stop: serve(common, cfg, stop))

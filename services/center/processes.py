@@ -20,6 +20,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -208,6 +209,24 @@ class CenterProcesses:
         code = max((abs(c) for c in self.codes), default=0)
         log.info("center stopped (processes exited with %s)", sorted(set(self.codes)))
         return code
+
+
+def port_taken(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound by this group, or None. The processes bind with
+    SO_REUSEPORT, which would let a second group (a center started twice) join the first one's
+    port silently; a plain bind first makes that the usual "address in use" at start."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers are fine
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc
+    return None
 
 
 def supervise(count: int, run_one: Callable[[ProcessRole], int], grace_s: float) -> int:

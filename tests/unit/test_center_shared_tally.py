@@ -52,3 +52,17 @@ def test_processes_config():
     assert "center.processes" in str(err.value)
     with pytest.raises(ConfigError):
         build(CenterConfig, "center", {"processes": 0}, {})
+
+
+def test_a_port_held_by_a_reuseport_group_is_reported_taken():
+    import socket
+
+    from services.center.processes import port_taken
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert isinstance(port_taken("127.0.0.1", port), OSError)
+    assert port_taken("127.0.0.1", port) is None
