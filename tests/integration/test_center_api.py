@@ -561,3 +561,58 @@ async def test_saver_down_is_503_then_recovers(center, app):
             break
         await asyncio.sleep(0.2)
     assert status == 200, body
+
+
+# ---------------------------------------------------------------- batch form through the whole system
+
+
+async def test_batch_form_reaches_online_clients_in_order_and_ends_acked(cluster):
+    """The session-wide system (rooms, SDK-level wire clients): each online user gets exactly its
+    messages of the batch, payloads intact and in order; acks end them acked; the offline one waits."""
+    from services.common.codec import Op
+    from services.common.pb import client_pb2 as cpb
+    from tests.wire_client import WireClient
+
+    app = cluster.app
+    alice, bob, away = uid(), uid(), uid()
+    clients = {}
+    for i, user in enumerate((alice, bob)):
+        token, _ = tokens.sign(app["secret"], user, app["id"], 300, device_id="dev1")
+        host, port = cluster.room_addresses[i % len(cluster.room_addresses)]
+        clients[user] = await WireClient.connect(host, port)
+        await clients[user].auth(token, user, device_id="dev1", net="wifi")
+    messages, expected = [], {alice: [], bob: [], away: []}
+    for i in range(60):
+        user = (alice, bob, away)[i % 3]
+        blob = f"m{i}".encode() + bytes([i])
+        messages.append({"uid": user, "payload_b64": base64.b64encode(blob).decode()} if i % 2 else
+                        {"uid": user, "payload": blob.decode("latin-1")})
+        expected[user].append(blob if i % 2 else blob.decode("latin-1").encode())
+    center = Center(cluster.center_url, None, 0, {})
+    status, body, _ = await call(center, "POST", "/v1/push", {"app": app["id"], "messages": messages, "ttl_s": 300},
+                                 key=app["api_key"])
+    assert status == 200, body
+    ids = body["msg_ids"]
+    assert len(ids) == 60 and body["online"] == 2
+    try:
+        for user in (alice, bob):
+            got = []
+            while len(got) < 20:
+                _, push_frame = await clients[user].expect(Op.PUSH)
+                got += list(push_frame.messages)
+            assert [m.payload for m in got] == expected[user]
+            assert [str(m.msg_id) for m in got] == ids[(alice, bob).index(user)::3]
+            assert [m.seq for m in got] == sorted(m.seq for m in got)
+            clients[user].send(Op.ACK, cpb.Ack(msg_ids=[m.msg_id for m in got]))
+        deadline = time.monotonic() + 10
+        for i, msg_id in enumerate(ids):
+            want = "stored" if i % 3 == 2 else "acked"
+            while True:
+                status, state, _ = await call(center, "GET", f"/v1/messages/{msg_id}", key=app["api_key"])
+                if state.get("state") == want or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
+            assert state["state"] == want, (i, state)
+    finally:
+        for c in clients.values():
+            await c.close()
