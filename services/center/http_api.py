@@ -178,7 +178,7 @@ class CenterApi:
         return json_response(created.to_dict())
 
 
-def make_app(parts: CenterParts, max_body_bytes: int = 1024 * 1024) -> web.Application:
+def make_app(parts: CenterParts, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
     app = web.Application(middlewares=[make_middleware(parts.tally)], client_max_size=max_body_bytes)
     app.add_routes(CenterApi(parts).routes())
     return app

@@ -226,9 +226,13 @@ async def test_payload_at_the_limit_and_body_over_the_limit(center, app):
     status, body, _ = await call(center, "POST", "/v1/push", {"uids": [uid()], "payload": "x" * (60 * 1024)},
                                  key=app["api_key"])
     assert status == 200, body
-    status, body, _ = await call(center, "POST", "/v1/push", raw=b'{"pad": "' + b"x" * (2 * 1024 * 1024) + b'"}',
+    status, body, _ = await call(center, "POST", "/v1/push", raw=b'{"pad": "' + b"x" * (4 * 1024 * 1024) + b'"}',
                                  key=app["api_key"])
     assert_error(status, body, 413, "body_too_large")
+    # the batch form of 1,000 messages of 3 KiB of text each fits
+    status, body, _ = await call(center, "POST", "/v1/push", {"messages": [
+        {"uid": f"{uid()}", "payload": "y" * 3072} for _ in range(1000)]}, key=app["api_key"])
+    assert status == 200 and len(body["msg_ids"]) == 1000, body
 
 
 async def test_unknown_route_and_wrong_method_are_json(center, app):
