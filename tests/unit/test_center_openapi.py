@@ -79,3 +79,32 @@ def test_push_documents_both_forms_with_the_configured_limits():
     assert set(message["properties"]) == {"uid", "payload", "payload_b64", "ttl_s"} and message["required"] == ["uid"]
     assert message["properties"]["uid"]["maxLength"] == cfg.max_uid_len
     assert "index" in schemas["Error"]["properties"]["error"]["properties"]
+
+
+def test_documented_push_fields_are_the_decoders_fields_with_the_same_types():
+    """The msgspec Structs that decode POST /v1/push (push_decoding.py) and the OpenAPI document
+    name the same fields with the same JSON types: a field added to one is missing from the other."""
+    import msgspec
+
+    from services.center.push_decoding import WireMessage, WirePush
+
+    doc = json.loads(OPENAPI.read_text())["components"]["schemas"]
+
+    def struct_types(struct) -> dict[str, str]:
+        schema = msgspec.json.schema(struct)
+        props = schema["$defs"][struct.__name__]["properties"]
+        out = {}
+        for name, prop in props.items():
+            kinds = [p["type"] for p in prop.get("anyOf", [prop]) if p.get("type") != "null"]
+            out[name] = kinds[0]
+        return out
+
+    def doc_types(*names) -> dict[str, str]:
+        out = {}
+        for name in names:
+            for field, prop in doc[name]["properties"].items():
+                out[field] = prop.get("type", "object")
+        return out
+
+    assert struct_types(WirePush) == doc_types("UnicastPushRequest", "BatchPushRequest")
+    assert struct_types(WireMessage) == doc_types("BatchMessage")
