@@ -25,6 +25,7 @@ REDIS_DBS = {
     "register_epoch": 9,
     "room_resume": 10,
     "room_recovery": 11,
+    "center_processes": 12,
 }
 
 

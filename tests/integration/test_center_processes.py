@@ -22,10 +22,9 @@ import pytest
 from services.common import runtime
 from services.common.discovery import Discovery
 from services.launcher import backing, procs
+from tests.stores import own_stores
 
 ADMIN_KEY = "test-admin-key-" + uuid.uuid4().hex[:8]
-# tests/stores.py hands out databases 0-11 to other modules; the last of Redis's 16 is this one's
-REDIS_DB = 15
 
 
 @dataclasses.dataclass
@@ -38,8 +37,7 @@ class Group:
 @pytest.fixture(scope="module")
 def group(backing_stores):
     cfg, tmp = backing_stores
-    base = cfg.redis_url.rsplit("/", 1)[0]
-    common = dataclasses.replace(cfg, redis_url=f"{base}/{REDIS_DB}", mysql_database="pylon_center_procs_it")
+    common = own_stores(cfg, "center_processes", mysql_database="pylon_center_procs_it")
     env = procs.common_env(common, {"PYLON_CENTER_ADMIN_KEY": ADMIN_KEY, "PYLON_CENTER_SHUTDOWN_GRACE_S": "1"})
     logs = f"{tmp}/center-procs-it"
     h = "127.0.0.1"
