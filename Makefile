@@ -4,8 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 N       ?= 100000
+CLIENTS ?= 20000
 
-.PHONY: run test unit integration proto proto-check lint bench bench-connections clean
+.PHONY: run test unit integration proto proto-check lint bench bench-connections bench-unicast bench-logins clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +38,12 @@ lint: $(STAMP)
 
 bench-connections: $(STAMP)   ## hold N connections through a private system: make bench-connections N=100000
 	$(BIN)/python bench/connections.py --connections $(N)
+
+bench-unicast: $(STAMP)   ## CLIENTS acking clients, 512-byte pushes over 16 keep-alive HTTP connections: make bench-unicast CLIENTS=20000
+	$(BIN)/python bench/unicast.py --clients $(CLIENTS)
+
+bench-logins: $(STAMP)    ## AUTH_OK latency at 200 and 1,000 connects/s (open loop), connects/s with 64 in flight
+	$(BIN)/python bench/logins.py
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
