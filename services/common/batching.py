@@ -228,7 +228,11 @@ class Batcher(Generic[T]):
         if self._items:
             now = loop.time()
             self._first_at = now
-            self._arm(loop, now)
+            if self._full():  # a backlog bigger than one batch: the next one may take a free slot now
+                self._hold = False
+                self._timer = loop.call_soon(self._on_timer)
+            else:
+                self._arm(loop, now)
 
     def _cut_size(self) -> int:
         """Items of the next batch: up to max_batch, and up to max_weight (at least one item)."""

@@ -267,3 +267,13 @@ async def test_linger_holds_background_work_even_when_nothing_is_in_flight():
     while not rec.batches:
         await asyncio.sleep(0.005)
     assert rec.batches == [[1, 2]] and loop.time() - t0 >= 0.05
+
+
+async def test_a_backlog_of_several_batches_uses_every_free_slot_at_once():
+    rec = Recorder(delay=0.05)
+    b = Batcher("t_backlog", rec, max_batch=2, max_concurrent_flushes=3, delay_s=10)
+    for i in range(6):
+        b.submit(i)
+    await asyncio.sleep(0.01)
+    assert rec.batches == [[0, 1], [2, 3], [4, 5]]  # not 10 s apart
+    await b.drain(1)
