@@ -358,6 +358,7 @@ def test_fault(env: Env, fault: Fault) -> None:
     if any(v is None for v in before.values()):
         failures.append(f"before the fault a push did not reach {sorted(u for u, v in before.items() if v is None)}")
     counters0 = h.counters()
+    clients0 = len(h.uids)
     proxy0 = {k: p.stats() for k, p in e.system.proxies.items()}
 
     # an inbox that must survive the fault: accepted while its user is offline, fetched after
@@ -432,7 +433,9 @@ def test_fault(env: Env, fault: Fault) -> None:
         # the offline user's inbox, from its client's start until the last of it was handed over
         "offline_inbox_s": (round(max(inbox) - t_offline_online, 3) if inbox and None not in inbox else None),
         "publisher": pub.to_dict(t_fault),
-        "sdk": {k: counters1[k] - counters0[k] for k in counters1},
+        # reconnects: connects less the first ones of clients added in this scenario
+        "sdk": {k: counters1[k] - counters0[k] for k in counters1} | {
+            "reconnects": counters1["connects"] - counters0["connects"] - (len(h.uids) - clients0)},
         "proxy_connections_cut": sum(proxy1[k]["aborted"] - proxy0[k]["aborted"] for k in proxy1),
         "ack_sample": acks,
         "scenario_s": round(t_done - t_begin, 1),
