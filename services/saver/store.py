@@ -17,7 +17,8 @@ together: one Redis pipeline to number them, one multi-row INSERT (through the j
 batcher) and one Redis pipeline to write them, whatever number of RPCs they came from. A flush
 leaves at once when none is in flight and gathers behind one that is; an RPC's messages are
 never split across flushes, so they are numbered in request order. A failed flush fails the
-RPCs in it, and only those.
+RPCs in it, and only those. Ack and MarkDelivered RPCs share their Redis pipeline and UPDATE
+the same way.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ from services.saver.journal import MessageJournal
 # Runs of an operation that Redis refused for want of an epoch: the first meets the loss, the
 # second runs on the rebuilt data; a third covers a second loss during the rebuild.
 EPOCH_TRIES = 3
-# Messages in one shared Store flush (its Redis pipelines hold two commands per message).
+# Messages (or refs) in one shared Store, Ack or MarkDelivered flush (a Redis pipeline holds
+# one or two commands per message).
 STORE_FLUSH_MESSAGES = 5000
-# Store RPCs waiting for a flush at most (each one is also bounded by max_items messages).
+# RPCs of one kind waiting for a flush at most (each one is also bounded by max_items).
 STORE_MAX_PENDING_CALLS = 2000
 
 
@@ -62,6 +64,15 @@ class MessageStore:
             "saver_store", self._store_flush, max_batch=STORE_MAX_PENDING_CALLS, max_weight=STORE_FLUSH_MESSAGES,
             weigh=lambda call: len(call[0]), delay_s=cfg.mysql_batch_delay_s, max_pending=STORE_MAX_PENDING_CALLS,
             max_concurrent_flushes=cfg.mysql_flush_concurrency)
+        # item: the validated refs of one Ack RPC; of one MarkDelivered RPC with its rebuild deadline
+        self._acks: Batcher[list] = Batcher(
+            "saver_ack", self._ack_flush, max_batch=STORE_MAX_PENDING_CALLS, max_weight=STORE_FLUSH_MESSAGES,
+            weigh=len, delay_s=cfg.mysql_batch_delay_s, max_pending=STORE_MAX_PENDING_CALLS,
+            max_concurrent_flushes=2)
+        self._deliveries: Batcher[tuple[list, float]] = Batcher(
+            "saver_mark_delivered", self._delivered_flush, max_batch=STORE_MAX_PENDING_CALLS,
+            max_weight=STORE_FLUSH_MESSAGES, weigh=lambda call: len(call[0]), delay_s=cfg.mysql_batch_delay_s,
+            max_pending=STORE_MAX_PENDING_CALLS, max_concurrent_flushes=2)
 
     def _deadline(self, wait_s: float | None) -> float:
         """Loop time until which this call may wait for a rebuild."""
@@ -113,8 +124,9 @@ class MessageStore:
         raise BackendUnavailable("Redis", "lost its data again while this batch was stored; retry")
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Finish the Store flushes queued or in flight."""
-        await self._stores.drain(timeout_s)
+        """Finish the Store, Ack and MarkDelivered flushes queued or in flight."""
+        for batcher in (self._stores, self._acks, self._deliveries):
+            await batcher.drain(timeout_s)
 
     async def load(self, raw_keys: Sequence[internal_pb2.InboxKey], limit: int,
                    wait_s: float | None = None) -> list[internal_pb2.Inbox]:
@@ -142,24 +154,58 @@ class MessageStore:
     async def ack(self, raw_refs: Sequence[internal_pb2.MessageRef]) -> int:
         """MySQL first (owner-checked there), then Redis: once the ack is committed no rebuild
         can bring the message back, whatever Redis knew of it. Never waits for a rebuild (see
-        lua._ACK for how an ack and a concurrent rebuild meet)."""
+        lua._ACK for how an ack and a concurrent rebuild meet). Concurrent Ack RPCs share the
+        UPDATE and the Redis pipeline."""
         refs = validation.refs("Ack", raw_refs, self.cfg)
         if not refs:
             return 0
-        now = self._now_ms()
-        await self.journal.mark_acked(refs, now)
-        acked = await self.inbox.ack(refs, now)
+        return (await self._acks.submit_many([refs]))[0]
+
+    async def _ack_flush(self, calls: list[list]) -> list:
+        try:
+            refs = [r for call in calls for r in call]
+            now = self._now_ms()
+            await self.journal.mark_acked(refs, now)
+            acked = await self.inbox.ack(refs, now)
+        except Exception as exc:
+            return [exc] * len(calls)
         m.ACKED.inc(len(acked))
-        return len(acked)
+        # each RPC counts the acks Redis applied among its own refs (a msg_id in two RPCs: once)
+        applied: dict[int, int] = {}
+        for msg_id in acked:
+            applied[msg_id] = applied.get(msg_id, 0) + 1
+        out = []
+        for call in calls:
+            n = 0
+            for r in call:
+                if applied.get(r.msg_id, 0) > 0:
+                    applied[r.msg_id] -= 1
+                    n += 1
+            out.append(n)
+        return out
 
     async def mark_delivered(self, raw_refs: Sequence[internal_pb2.MessageRef], wait_s: float | None = None) -> int:
         """Count the attempts in Redis (owner-checked, atomic with the park decision), then commit
         state and attempts to MySQL. Refs Redis refused for want of an epoch were not counted;
-        they are counted on the rebuilt records."""
+        they are counted on the rebuilt records. Concurrent MarkDelivered RPCs share the Redis
+        pipeline and the UPDATE."""
         refs = validation.refs("MarkDelivered", raw_refs, self.cfg)
         if not refs:
             return 0
         deadline = self._deadline(wait_s)
+        await self._until_whole(deadline)
+        return (await self._deliveries.submit_many([(refs, deadline)]))[0]
+
+    async def _delivered_flush(self, calls: list[tuple[list, float]]) -> list:
+        try:
+            return await self._delivered_together(calls)
+        except Exception as exc:
+            return [exc] * len(calls)
+
+    async def _delivered_together(self, calls: list[tuple[list, float]]) -> list:
+        owner = {id(r): k for k, (call_refs, _) in enumerate(calls) for r in call_refs}
+        refs = [r for call_refs, _ in calls for r in call_refs]
+        deadline = min(d for _, d in calls)
         counted: list = []
         for _ in range(EPOCH_TRIES):
             await self._until_whole(deadline)
@@ -172,9 +218,14 @@ class MessageStore:
         parked = sum(1 for _, n in counted if n < 0)
         m.DELIVERED.inc(len(counted))
         m.PARKED.inc(parked)
-        if refs:
-            raise BackendUnavailable("Redis", f"lost its data again; {len(refs)} deliveries not counted, retry")
-        return len(counted)
+        out: list = [0] * len(calls)
+        for r, _ in counted:
+            out[owner[id(r)]] += 1
+        if refs:  # what Redis refused again fails the RPCs it came from (the rest was counted)
+            error = BackendUnavailable("Redis", f"lost its data again; {len(refs)} deliveries not counted, retry")
+            for r in refs:
+                out[owner[id(r)]] = error
+        return out
 
     async def get(self, msg_id: int) -> internal_pb2.MessageState:
         validation.check_msg_id(msg_id)
