@@ -35,6 +35,8 @@ import connections as conn_bench  # noqa: E402
 from unicast import percentiles, server_processes  # noqa: E402
 
 TIMEOUT_S = 30.0
+# Sessions one phase holds open in this one process: under the 20,000 open-file cap.
+MAX_PHASE_LOGINS = 18_000
 
 
 class Logins:
@@ -54,7 +56,11 @@ class Logins:
     def start(self, due: float) -> None:
         i = self.next
         self.next += 1
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:  # EMFILE: the 20,000 open-file cap (see MAX_PHASE_LOGINS)
+            self._fail(f"socket:{exc.errno}")
+            return
         try:
             sock.setsockopt(socket.IPPROTO_IP, conn_bench.IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind(self.sources[i % len(self.sources)])
@@ -133,7 +139,7 @@ async def run(args, result: dict) -> None:
     counts = []
     for spec in specs:
         kind, _, arg = spec.partition(":")
-        counts.append(int(float(arg) * args.phase_s) if kind == "open" else args.closed_logins)
+        counts.append(min(MAX_PHASE_LOGINS, int(float(arg) * args.phase_s) if kind == "open" else args.closed_logins))
     total = sum(counts)
     result.update({"bench": "logins", "rooms": args.rooms, "logins": total, "env": args.env,
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
@@ -141,6 +147,9 @@ async def run(args, result: dict) -> None:
         await loop.run_in_executor(None, cluster.start)
         app = await loop.run_in_executor(None, cluster.create_demo_app)
         names = server_processes(cluster)
+        if args.pids_out:  # for a profiler attached from outside (py-spy record -p PID)
+            with open(args.pids_out, "w") as fh:
+                json.dump({str(pid): name for pid, name in names.items()}, fh)
         now = time.time()
         uids = [f"login-{i}" for i in range(total)]
         frames = []
@@ -227,6 +236,7 @@ def main() -> int:
     p.add_argument("--phase-s", type=float, default=10.0, help="length of an open-loop phase")
     p.add_argument("--closed-logins", type=int, default=5_000, help="logins of a closed-loop phase")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pids-out", default="", help="write {pid: service} of the server processes here")
     args = p.parse_args()
 
     import fcntl
