@@ -50,10 +50,10 @@ class Redelivery:
     def add(self, messages: Sequence[pb.StoredMessage], attempt: int = 0, first: float | None = None) -> None:
         now = self._clock()
         first = now if first is None else first
-        if attempt >= len(PAUSES_S) or now - first >= self.max_age_s:
+        if now - first >= self.max_age_s:
             LEFT.labels("too_old").inc(len(messages))
             return
-        due = now + PAUSES_S[attempt]
+        due = now + PAUSES_S[min(attempt, len(PAUSES_S) - 1)]  # the last pause again until max_age_s
         for m in messages:
             size = len(m.payload)
             if len(self._waiting) >= self.max_messages or self._bytes + size > self.max_bytes:

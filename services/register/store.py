@@ -54,7 +54,10 @@ class SessionStore:
         replaced = []
         for s, fields in zip(with_device, replies[:len(with_device)], strict=True):
             for old in self._parse(s.uid, fields):
-                if old.device_id == s.device_id and old.instance != s.instance and old.session_id != s.session_id:
+                # only an older login is replaced: a session written again (after an epoch change,
+                # a BIND) must not replace a newer one, and a take-over keeps its connect time
+                if (old.device_id == s.device_id and old.instance != s.instance and old.session_id != s.session_id
+                        and old.connected_ms < s.connected_ms):
                     replaced.append(old)
         m.REPLACED.inc(len(replaced))
         return len(sessions), epoch, replaced

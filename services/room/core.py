@@ -27,7 +27,7 @@ from services.room import resume
 from services.room.app_cache import AppCache
 from services.room.config import RoomConfig
 from services.room.connection import ClientConnection
-from services.room.session import AUTHENTICATING, CLOSED, DETACHED, HANDSHAKE, OPEN, Event, Session
+from services.room.session import AUTHENTICATING, CLOSED, DETACHED, HANDSHAKE, OPEN, Event, Held, Session
 from services.room.wheel import HeartbeatWheel
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,10 @@ MAX_TAKES_IN_FLIGHT = 1000
 TAKE_DEADLINE_S = 2.0
 # Sessions registered again per step after a register epoch change (one batch each).
 REREGISTER_CHUNK = 500
-REREGISTER_RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0, 8.0)
+REREGISTER_RETRY_PAUSES_S = (1.0, 2.0, 4.0, 8.0)  # then every 8 s until it succeeds
+# A handed-over session's register entry is removed by the instance that took it; this long
+# after the hand-over the old instance removes it too, in case that never happened.
+HANDOVER_UNREGISTER_S = 5.0
 
 
 ACCEPT_WAIT_SAMPLE = 16  # 1 in this many accepted connections is timed
@@ -284,8 +287,6 @@ class RoomInstance:
             # the link is dead or the client gone: the session waits for a resume like any lost link
             self.fail(session, ErrorCode.IDLE_TIMEOUT, f"no PING within the {session.heartbeat_s}s heartbeat",
                       keep_session=True)
-            if session.state == DETACHED:
-                self.wheel.add(session)  # the wheel let go of it to call us: file the grace deadline
         elif state == DETACHED:
             m.closed_resume_expired.inc()
             self.close(session)
@@ -304,11 +305,8 @@ class RoomInstance:
         m.SESSIONS.dec()
         self.detached += 1
         m.DETACHED.inc()
-        deadline = self._deadline(self.cfg.resume_grace_s)
-        earlier = deadline < session.deadline
-        session.deadline = deadline
-        if earlier:
-            self.wheel.add(session)
+        session.deadline = self._deadline(self.cfg.resume_grace_s)
+        self.wheel.add(session)  # a no-op if it is filed earlier already
 
     def close(self, session: Session, abort: bool = False) -> None:
         """End a session (idempotent): unregistered and an offline event if it was registered."""
@@ -332,7 +330,7 @@ class RoomInstance:
             session.registered = False
             self._submit(self.backends.unregister, self._session_pb(session))
             self._status(session, session.apps, online=False)
-        session.unacked = session.pending = None
+        session.forget_held()
 
     # ------------------------------------------------------------------ frames
     def handle(self, session: Session, frame: Frame) -> None:
@@ -498,6 +496,9 @@ class RoomInstance:
             self.backends.register.submit(self._session_pb(session),
                                           lambda _r, err: self._registered(session, seq, err, taken_from))
         except Overloaded:
+            if taken_from is not None:  # the session we took ends with this refusal
+                self._submit(self.backends.unregister, taken_from)
+                self._status_pb(taken_from, online=False)
             self.fail(session, ErrorCode.OVERLOADED, "room is overloaded, retry later", self.cfg.overload_retry_ms,
                       seq=seq)
 
@@ -646,9 +647,9 @@ class RoomInstance:
             return
         apps = session.apps
         if taken.unacked:
-            session.unacked = {msg.msg_id: msg for msg in taken.unacked if msg.app in apps}
+            session.unacked = {h.msg_id: h for h in self._keep(session, taken.unacked) if h.app in apps} or None
         if taken.pending:
-            session.pending = [msg for msg in taken.pending if msg.app in apps]
+            session.pending = [h for h in self._keep(session, taken.pending) if h.app in apps] or None
         if taken.connected_ms:
             session.connected_ms = taken.connected_ms
         self._register(session, seq, taken_from=old)
@@ -688,12 +689,20 @@ class RoomInstance:
 
     def _rewrite_unacked(self, session: Session) -> None:
         """After a resume: the unacked messages again (no attempt counted), then what arrived
-        while the session was detached (counted, as any first delivery)."""
-        if session.unacked:
-            self._write_messages(session, list(session.unacked.values()))
+        while the session was detached (counted, as any first delivery). Those whose body was
+        over the session's byte bound are read from the inbox again."""
+        unacked = session.unacked
+        if unacked:
+            bodiless = [msg_id for msg_id, h in unacked.items() if h.payload is None]
+            for msg_id in bodiless:
+                del unacked[msg_id]
+            if bodiless:
+                session.reload = True
+            self._write_messages(session, list(unacked.values()))
         pending, session.pending = session.pending, None
         if pending:
-            self.deliver(session, pending)
+            session.held_bytes -= sum(len(h.payload) for h in pending)
+            self._deliver_held(session, pending)
 
     def take_session(self, request: ipb.TakeSessionRequest) -> ipb.TakenSession:
         """Room.TakeSession: hand a session over to the instance its client resumed on. The old
@@ -705,13 +714,26 @@ class RoomInstance:
         session = self.find_session(request.uid, int(sid))
         if session is None:
             return ipb.TakenSession(found=False)
-        taken = ipb.TakenSession(found=True, apps=session.apps, unacked=list((session.unacked or {}).values()),
-                                 pending=session.pending or (), connected_ms=session.connected_ms,
+        uid = session.uid
+
+        def stored(held) -> list[ipb.StoredMessage]:
+            # bodiless ones are left out: the new instance reads the inbox once after a take-over
+            return [ipb.StoredMessage(msg_id=h.msg_id, uid=uid, app=h.app, payload=h.payload,
+                                      created_ms=h.created_ms, seq=h.seq) for h in held if h.payload is not None]
+
+        taken = ipb.TakenSession(found=True, apps=session.apps, unacked=stored((session.unacked or {}).values()),
+                                 pending=stored(session.pending or ()), connected_ms=session.connected_ms,
                                  device_id=session.device_id)
+        handed_over = self._session_pb(session)
         session.registered = False
         m.TAKEN.inc()
         m.closed_taken.inc()
         self.close(session, abort=True)
+        # The new instance replaces this register entry once its own is written; should its
+        # answer never come back (this reply lost, its client gone), take the entry out
+        # ourselves a little later (owner-checked: it removes only this instance's entry).
+        asyncio.get_running_loop().call_later(HANDOVER_UNREGISTER_S, self._submit, self.backends.unregister,
+                                              handed_over)
         return taken
 
     def find_session(self, uid: str, sid: int) -> Session | None:
@@ -760,12 +782,16 @@ class RoomInstance:
     async def _reregister_all(self) -> None:
         sessions = [s for s in self.all_sessions() if s.registered]
         for i in range(0, len(sessions), REREGISTER_CHUNK):
-            for pause in REREGISTER_RETRY_PAUSES_S:
+            tries = 0
+            while True:  # until it gets through; a newer epoch change cancels this task
                 chunk = [s for s in sessions[i:i + REREGISTER_CHUNK] if s.registered]
-                failed = await self._submit_all(self.backends.register, [self._session_pb(s) for s in chunk], None)
+                failed = await self._submit_all(self.backends.register, [self._session_pb(s) for s in chunk],
+                                                [self._reregistered_for(s) for s in chunk])
                 if not failed:
                     m.REREGISTERED.inc(len(chunk))
                     break
+                pause = REREGISTER_RETRY_PAUSES_S[min(tries, len(REREGISTER_RETRY_PAUSES_S) - 1)]
+                tries += 1
                 log.warning("registering %d sessions again failed (%d errors); next try in %.0fs",
                             len(chunk), failed, pause)
                 await asyncio.sleep(pause)
@@ -775,6 +801,13 @@ class RoomInstance:
                                    [self._loaded_for(s) for s in chunk])
         log.info("registered %d sessions again after the register epoch change", len(sessions))
         self._reregister_task = None
+
+    def _reregistered_for(self, session: Session) -> Callable:
+        def registered(_result, err: BaseException | None) -> None:
+            if err is None and not session.registered:
+                # it ended while its write was queued: its unregister went first, so again now
+                self._submit(self.backends.unregister, self._session_pb(session))
+        return registered
 
     def _loaded_for(self, session: Session) -> Callable:
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
@@ -858,13 +891,9 @@ class RoomInstance:
         return self._deadline(session.heartbeat_s * 1.5 + self.cfg.heartbeat_grace_s)
 
     def _arm(self, session: Session) -> None:
-        """Switch to the heartbeat deadline. The session is already on the wheel; only a deadline
-        earlier than its bucket needs a second entry there."""
-        deadline = self._silence_deadline(session)
-        earlier = deadline < session.deadline
-        session.deadline = deadline
-        if earlier:
-            self.wheel.add(session)
+        """Switch to the heartbeat deadline (the wheel files it again only if that is earlier)."""
+        session.deadline = self._silence_deadline(session)
+        self.wheel.add(session)
 
     def _on_ping(self, session: Session, frame: Frame) -> None:
         if frame.body:
@@ -879,6 +908,19 @@ class RoomInstance:
         self.send(session, Op.PONG, body, frame.seq)
 
     # ------------------------------------------------------------------ delivery
+    def _keep(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> list[Held]:
+        """Copies of ``messages`` for the session to hold, their bodies within its byte bound."""
+        budget = self.cfg.resume_hold_bytes
+        out = []
+        for msg in messages:
+            payload = msg.payload
+            if session.held_bytes + len(payload) <= budget:
+                session.held_bytes += len(payload)
+            else:
+                payload = None
+            out.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq))
+        return out
+
     def deliver(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> int:
         """Write unicast messages for bound apps; remember them until acked. A detached session
         keeps them for its resume (not written, no attempt counted). Returns messages written."""
@@ -896,27 +938,45 @@ class RoomInstance:
             if session.state == DETACHED:
                 self._hold(session, messages)
             return 0
-        unacked = session.unacked
-        if unacked is None:
-            unacked = session.unacked = {}
+        unacked = session.unacked or {}
         limit = self.cfg.max_unacked_per_session
         apps = session.apps
         fresh: list[ipb.StoredMessage] = []
         for msg in messages:
             if msg.app not in apps or msg.msg_id in unacked:
                 continue  # not for this session, or already written to it and not yet acked
-            if len(unacked) >= limit:
+            if len(unacked) + len(fresh) >= limit:
                 break  # the rest stays in the inbox until the client acks
-            unacked[msg.msg_id] = msg
             fresh.append(msg)
         if not fresh:
             return 0
         self._write_messages(session, fresh)
+        for h in self._keep(session, fresh):
+            unacked[h.msg_id] = h
+        session.unacked = unacked
+        self._count_delivered(session, fresh)
+        return len(fresh)
+
+    def _deliver_held(self, session: Session, held: list[Held]) -> None:
+        """Write what a detached session held (its bodies are already counted in held_bytes)."""
+        unacked = session.unacked or {}
+        fresh = [h for h in held if h.msg_id not in unacked][:max(0, self.cfg.max_unacked_per_session - len(unacked))]
+        if len(fresh) < len(held):
+            session.reload = True  # the rest is in the inbox
+        if not fresh:
+            return
+        self._write_messages(session, fresh)
+        for h in fresh:
+            unacked[h.msg_id] = h
+            session.held_bytes += len(h.payload)
+        session.unacked = unacked
+        self._count_delivered(session, fresh)
+
+    def _count_delivered(self, session: Session, fresh) -> None:
         uid = session.uid
         for msg in fresh:
             self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
         m.unicast_out.inc(len(fresh))
-        return len(fresh)
 
     def _hold(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> None:
         """Keep what arrives for a detached session, within a count and a byte bound; what does
@@ -924,21 +984,23 @@ class RoomInstance:
         pending = session.pending
         if pending is None:
             pending = session.pending = []
-        held = {msg.msg_id for msg in pending}
+        held = {h.msg_id for h in pending}
         if session.unacked:
             held.update(session.unacked)
         room_left = self.cfg.max_unacked_per_session - len(held)
-        bytes_left = self.cfg.resume_hold_bytes - sum(len(msg.payload) for msg in pending)
+        bytes_left = self.cfg.resume_hold_bytes - session.held_bytes
         for msg in messages:
             if msg.app not in session.apps or msg.msg_id in held:
                 continue
-            if room_left <= 0 or len(msg.payload) > bytes_left:
+            payload = msg.payload
+            if room_left <= 0 or len(payload) > bytes_left:
                 session.reload = True
                 break
-            pending.append(msg)
+            pending.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq))
             held.add(msg.msg_id)
             room_left -= 1
-            bytes_left -= len(msg.payload)
+            bytes_left -= len(payload)
+            session.held_bytes += len(payload)
 
     def _write_messages(self, session: Session, messages: list[ipb.StoredMessage]) -> None:
         """PUSH frames, as few as fit under max_frame, for ``messages`` (no bookkeeping)."""
@@ -1025,23 +1087,30 @@ class RoomInstance:
         n = 0
         uid = session.uid
         for msg_id in ids:
-            msg = unacked.pop(msg_id, None)
-            if msg is not None:  # broadcasts and unknown ids need no storage ack
-                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg_id))
+            h = unacked.pop(msg_id, None)
+            if h is not None:  # broadcasts and unknown ids need no storage ack
+                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id))
+                if h.payload is not None:
+                    session.held_bytes -= len(h.payload)
                 n += 1
         if n:
             m.ACKS.inc(n)
+        if not unacked:
+            session.unacked = None  # an emptied dict keeps its table (~37 KB after 1,000 entries)
 
     def _on_bind(self, session: Session, frame: Frame) -> None:
         req = cpb.Bind.FromString(frame.body)
-        self._bind(session, list(req.apps), list(req.tokens), frame.seq, refreshed=False)
+        self._bind(session, list(req.apps), list(req.tokens), frame.seq, refreshed=False, conn=session.conn)
 
-    def _bind(self, session: Session, apps: list[str], token_list: list[str], seq: int, refreshed: bool) -> None:
+    def _bind(self, session: Session, apps: list[str], token_list: list[str], seq: int, refreshed: bool,
+              conn: ClientConnection | None) -> None:
+        if session.conn is not conn:
+            return  # the link that asked is gone (a resume gave the session another): its seq means nothing now
         new = [a for a in dict.fromkeys(apps) if a not in session.apps]
         try:
             if len(session.apps) + len(new) > self.cfg.max_apps_per_session:
                 raise AuthFailure(ErrorCode.TOO_MANY_ITEMS, f"at most {self.cfg.max_apps_per_session} apps per connection")
-            if not self._after_app_refresh(session, new, lambda: self._bind(session, apps, token_list, seq, True),
+            if not self._after_app_refresh(session, new, lambda: self._bind(session, apps, token_list, seq, True, conn),
                                            refreshed):
                 return
             bound = self._verify_apps(session.uid, self._tokens_by_app(token_list), new)
@@ -1070,10 +1139,13 @@ class RoomInstance:
         if not apps:
             return
         if session.unacked:
-            for msg_id in [k for k, msg in session.unacked.items() if msg.app in apps]:
+            for msg_id in [k for k, h in session.unacked.items() if h.app in apps]:
                 del session.unacked[msg_id]
+            session.unacked = session.unacked or None
         if session.pending:
-            session.pending = [msg for msg in session.pending if msg.app not in apps]
+            session.pending = [h for h in session.pending if h.app not in apps] or None
+        session.held_bytes = sum(len(h.payload) for h in (*(session.unacked or {}).values(), *(session.pending or ()))
+                                 if h.payload is not None)
 
     def _rebound(self, session: Session, seq: int) -> None:
         self._submit(self.backends.register, self._session_pb(session))
@@ -1091,10 +1163,12 @@ class RoomInstance:
                                 session_id=self.session_id(session), device_id=session.device_id,
                                 ts_ms=self.wall_ms())
 
+        conn = session.conn
+
         def done(accepted, err) -> None:
             ok = bool(accepted) and err is None
             m.UPSTREAM.labels("accepted" if ok else "rejected").inc()
-            if session.state == OPEN:
+            if session.state == OPEN and session.conn is conn:  # the answer belongs to the link that asked
                 self.send(session, Op.UPSTREAM_ACK, cpb.UpstreamAck(accepted=ok).SerializeToString(), seq)
 
         if not self._submit(self.backends.upstream, item, done):

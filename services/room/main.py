@@ -97,12 +97,25 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
             await asyncio.sleep(max(1.0, common.discovery_ttl_s / 3))
             me.load = room.sessions
 
+    async def keep_resume_secret() -> None:
+        # Redis may lose its data: put our secret back, so an instance started after that
+        # shares it with us instead of making a new one (resumes between us would fail)
+        while True:
+            await asyncio.sleep(10)
+            try:
+                await redis.set(RESUME_SECRET_KEY, room.resume_secret, nx=True)
+            except Exception as exc:
+                log.debug("could not keep the resume secret in Redis: %s", exc)
+
     load_task = loop.create_task(report_load())
+    secret_task = loop.create_task(keep_resume_secret()) if not cfg.resume_secret else None
     await stop.wait()
 
     # Graceful drain: leave discovery first, stop accepting, send clients elsewhere, then close.
     log.info("draining %d connections", len(room.connections))
     load_task.cancel()
+    if secret_task is not None:
+        secret_task.cancel()
     room.draining = True
     await discovery.withdraw()
     room.listeners = []  # closed below: nothing to read their accept queues from

@@ -26,7 +26,6 @@ import enum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from services.common.pb import internal_pb2 as ipb
     from services.room.connection import ClientConnection
 
 
@@ -72,10 +71,26 @@ def next_state(state: State, event: Event) -> State:
         raise InvalidTransition(f"{event.value} is not allowed in {state.name}") from None
 
 
+class Held:
+    """A message a session keeps until it is acked: its own copy of the fields a PUSH needs. A
+    protobuf sub-message would keep the whole RPC message it came in (up to a thousand others)
+    alive for as long as the session holds it. ``payload`` None: over the session's byte bound,
+    only the id is kept (a resume reads the inbox for it)."""
+
+    __slots__ = ("msg_id", "app", "payload", "created_ms", "seq")
+
+    def __init__(self, msg_id: int, app: str, payload: bytes | None, created_ms: int, seq: int) -> None:
+        self.msg_id = msg_id
+        self.app = app
+        self.payload = payload
+        self.created_ms = created_ms
+        self.seq = seq
+
+
 class Session:
     __slots__ = (
         "conn", "state", "uid", "device_id", "apps", "sid", "net", "heartbeat_s", "deadline",
-        "unacked", "pending", "registered", "connected_ms", "reload",
+        "unacked", "pending", "registered", "connected_ms", "reload", "held_bytes", "filed_at",
     )
 
     def __init__(self, conn: ClientConnection | None = None) -> None:
@@ -88,17 +103,23 @@ class Session:
         self.net = ""
         self.heartbeat_s = 0
         self.deadline = 0            # wheel second at which the current deadline passes; 0 = none
-        # msg_id -> message written to the client and not acked yet (kept whole: a resume writes
-        # it again without a storage reload); created on first delivery
-        self.unacked: dict[int, ipb.StoredMessage] | None = None
+        # msg_id -> message written to the client and not acked yet (its body kept, within
+        # held_bytes, so a resume writes it again without a storage reload); None while empty
+        self.unacked: dict[int, Held] | None = None
         # messages that arrived while DETACHED, not written yet (attempt not counted yet)
-        self.pending: list[ipb.StoredMessage] | None = None
+        self.pending: list[Held] | None = None
         self.registered = False      # present in register (needs an unregister when it ends)
         self.connected_ms = 0        # wall-clock ms of the AUTH that opened it
         self.reload = False          # DETACHED and more arrived than it holds: a resume reads the inbox
+        self.held_bytes = 0          # payload bytes kept in unacked and pending (bounded by resume_hold_bytes)
+        self.filed_at = 0            # the wheel bucket of its live entry (HeartbeatWheel)
 
     def move(self, event: Event) -> None:
         self.state = next_state(self.state, event)
+
+    def forget_held(self) -> None:
+        self.unacked = self.pending = None
+        self.held_bytes = 0
 
     @property
     def transport(self):

@@ -14,6 +14,7 @@ from typing import Protocol
 
 class HasDeadline(Protocol):
     deadline: int  # whole seconds on the wheel's clock; 0 = no deadline (closed)
+    filed_at: int  # the bucket of its live entry on the wheel; 0 = not on the wheel
 
 
 class HeartbeatWheel:
@@ -22,10 +23,20 @@ class HeartbeatWheel:
     def __init__(self, now: int) -> None:
         self._buckets: dict[int, list] = {}
         self._now = now
-        self.size = 0
+        self.size = 0  # live entries
 
     def add(self, conn: HasDeadline) -> None:
+        """File ``conn`` for its deadline. Already filed at or before that second: nothing to do
+        (its entry re-files it when due). Filed later: a new entry, and the old one goes stale
+        (skipped when its bucket comes due), so a session is on the wheel once, however often
+        its deadline moves."""
         at = conn.deadline if conn.deadline > self._now else self._now + 1
+        filed = conn.filed_at
+        if filed and filed <= at:
+            return
+        if filed:
+            self.size -= 1  # its old entry is stale now
+        conn.filed_at = at
         bucket = self._buckets.get(at)
         if bucket is None:
             self._buckets[at] = [conn]
@@ -38,15 +49,19 @@ class HeartbeatWheel:
         expired = 0
         while self._now < now:
             self._now += 1
-            bucket = self._buckets.pop(self._now, None)
+            second = self._now
+            bucket = self._buckets.pop(second, None)
             if not bucket:
                 continue
-            self.size -= len(bucket)
             for conn in bucket:
+                if conn.filed_at != second:
+                    continue  # a stale entry: it was filed again, earlier
+                self.size -= 1
+                conn.filed_at = 0
                 d = conn.deadline
                 if d == 0:
                     continue  # closed meanwhile
-                if d > self._now:
+                if d > second:
                     self.add(conn)
                 else:
                     expired += 1

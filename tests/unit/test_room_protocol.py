@@ -458,3 +458,71 @@ async def test_the_periodic_epoch_check_asks_register():
         await asyncio.sleep(0)
     assert h.room.register_epoch == "epoch-2"
     assert [s.uid for s, _ in backends.register.items] == ["alice"]
+
+
+# ---------------------------------------------------------------- what a session holds
+def test_held_messages_are_copies_within_a_byte_bound_and_a_resume_reads_the_rest():
+    from services.room.session import Held
+
+    h = RoomHarness(resume_hold_bytes=250)
+    c = h.client()
+    ok = c.login()
+    h.room.push([message(i, payload=b"x" * 100) for i in range(1, 5)])
+    assert c.pushed() == [1, 2, 3, 4]
+    held = c.session.unacked
+    assert all(type(v) is Held for v in held.values()), "not protobuf sub-messages: they pin the whole RPC"
+    assert [i for i, v in held.items() if v.payload is not None] == [1, 2] and c.session.held_bytes == 200
+    c.send(Op.ACK, cpb.Ack(msg_ids=[1]))
+    assert c.session.held_bytes == 100
+    c.drop()
+    loads = len(h.backends.load_inbox.sent)
+    c2 = h.client()
+    c2.auth(resume_token=ok.resume_token)
+    assert c2.pushed() == [2], "the one it kept a body of"
+    assert len(h.backends.load_inbox.sent) == loads + 1, "the bodiless ones come from the inbox"
+    h.backends.load_inbox.complete(lambda key: ipb.Inbox(uid=key.uid, messages=[message(3), message(4)]))
+    assert c2.pushed() == [3, 4]
+    c2.send(Op.ACK, cpb.Ack(msg_ids=[2, 3, 4]))
+    assert c2.session.unacked is None and c2.session.held_bytes == 0, "an emptied dict is let go"
+
+
+def test_an_answer_to_a_request_of_the_old_link_is_not_sent_on_the_new_one():
+    h = RoomHarness()
+    c = h.client()
+    ok = c.login()
+    c.send(Op.UPSTREAM, cpb.Upstream(app="app1", kind="chat"), seq=2)
+    c.drop()
+    c2 = h.client()
+    c2.auth(resume_token=ok.resume_token)
+    c2.frames()
+    h.backends.upstream.complete(True)
+    assert [op for op, _, _ in c2.frames()] == [], "seq 2 of the old link means nothing on the new one"
+
+
+async def test_a_handed_over_session_is_unregistered_by_its_old_instance_too_after_a_while(monkeypatch):
+    from services.room import core
+
+    monkeypatch.setattr(core, "HANDOVER_UNREGISTER_S", 0.05)
+    h = RoomHarness(instance_id="room-a:1")
+    c = h.client()
+    c.login()
+    sid = h.room.session_id(c.session)
+    taken = h.room.take_session(ipb.TakeSessionRequest(session_id=sid, uid="alice", to_instance="room-b:1"))
+    assert taken.found and h.backends.unregister.sent == [], "not at once: presence stays online"
+    await asyncio.sleep(0.2)
+    assert [s.session_id for s in h.backends.unregister.sent] == [sid]
+
+
+async def test_a_session_that_ends_while_its_registration_is_written_again_is_taken_out_again():
+    backends = FakeBackends()
+    h = RoomHarness(backends=backends)
+    c = h.client()
+    c.login()
+    h.room.on_register_epoch("e1")
+    h.room.on_register_epoch("e2")
+    await asyncio.sleep(0)
+    assert len(backends.register.items) == 1
+    h.room.kick(["alice"], [], "bye")  # its unregister goes before the queued write
+    unregisters = len(backends.unregister.sent)
+    backends.register.complete()
+    assert len(backends.unregister.sent) == unregisters + 1

@@ -5,6 +5,7 @@ from services.room.wheel import HeartbeatWheel
 class Conn:
     def __init__(self, deadline):
         self.deadline = deadline
+        self.filed_at = 0
 
 
 def test_wheel_expires_only_past_deadlines():
@@ -45,3 +46,20 @@ def test_ids_are_unique_increasing_and_time_ordered():
     assert gen.next() > ids[-1]
     other = IdGenerator(node=6, clock=lambda: t[0])
     assert not set(other.batch(100)) & set(ids)
+
+
+def test_a_deadline_moved_earlier_and_later_again_keeps_one_live_entry():
+    wheel = HeartbeatWheel(now=100)
+    c = Conn(200)
+    wheel.add(c)
+    for _ in range(20):  # a flaky link: an earlier deadline (grace), then a later one (resumed)
+        c.deadline = 130
+        wheel.add(c)
+        c.deadline = 200
+        wheel.add(c)
+    assert wheel.size == 1
+    expired = []
+    wheel.advance(199, expired.append)
+    assert expired == [] and wheel.size == 1
+    wheel.advance(200, expired.append)
+    assert expired == [c] and wheel.size == 0
