@@ -112,6 +112,21 @@ redis.call('EXPIRE', KEYS[1], ARGV[9])
 return 1
 """
 
+# KEYS[1] = message record, KEYS[2] = its inbox, KEYS[3] = rebuild lock; ARGV = uid, app, state
+# (acked | parked), msg_id, owner token. MySQL wins for a message it holds as settled: a record
+# Redis still has as pending (it lost the ack or park with its last writes) takes MySQL's state,
+# drops its payload and leaves the inbox. Returns false if the lock is no longer the caller's.
+_SETTLE_BODY = """
+if redis.call('GET', KEYS[3]) ~= ARGV[5] then return false end
+local v = redis.call('HMGET', KEYS[1], 'uid', 'app', 'state')
+if v[1] ~= ARGV[1] or v[2] ~= ARGV[2] then return 0 end
+if v[3] ~= 'stored' and v[3] ~= 'delivered' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+redis.call('HDEL', KEYS[1], 'payload')
+redis.call('ZREM', KEYS[2], ARGV[4])
+return 1
+"""
+
 # KEYS[1] = pylon:seq:{uid}:{app}; ARGV = seq, ttl_s. The counter only ever moves up: the next
 # number handed out is above every seq MySQL holds for the pair.
 _SEQ_RAISE = """
@@ -157,6 +172,7 @@ SEQ_NEXT = Script(_SEQ_NEXT)
 STORE_BODY = Script(_STORE_BODY)
 INBOX_ADD = Script(_INBOX_ADD)
 RESTORE_BODY = Script(_RESTORE_BODY)
+SETTLE_BODY = Script(_SETTLE_BODY)
 SEQ_RAISE = Script(_SEQ_RAISE)
 LOCK_EXTEND = Script(_LOCK_EXTEND)
 EPOCH_PUBLISH = Script(_EPOCH_PUBLISH)

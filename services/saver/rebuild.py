@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from services.common.redis_scripts import run_pipeline
 from services.saver import keys
 from services.saver.keys import REBUILD_LOCK_KEY
-from services.saver.lua import INBOX_ADD, INBOX_ADD_MAX_PAIRS, LOCK_EXTEND, RESTORE_BODY, SEQ_RAISE
+from services.saver.lua import INBOX_ADD, INBOX_ADD_MAX_PAIRS, LOCK_EXTEND, RESTORE_BODY, SEQ_RAISE, SETTLE_BODY
 
 _PENDING_CODES = frozenset(keys.STATE_CODES[s] for s in keys.PENDING)
 
@@ -49,6 +49,8 @@ class ChunkPlan:
     inboxes: dict[str, list] = field(default_factory=dict)
     # seq counter key -> highest seq of the pair in this page
     counters: dict[str, int] = field(default_factory=dict)
+    # (msg_id, uid, app, state name) of acked or parked rows not expired: MySQL's state wins
+    settled: list[tuple] = field(default_factory=list)
 
 
 def plan_chunk(rows: Sequence[tuple], now_ms: int, ack_retention_s: int) -> ChunkPlan:
@@ -59,7 +61,10 @@ def plan_chunk(rows: Sequence[tuple], now_ms: int, ack_retention_s: int) -> Chun
         ckey = keys.seq_key(uid, app)
         if seq > plan.counters.get(ckey, 0):
             plan.counters[ckey] = seq
-        if state not in _PENDING_CODES or expires_ms <= now_ms:
+        if expires_ms <= now_ms:
+            continue
+        if state not in _PENDING_CODES:
+            plan.settled.append((msg_id, uid, app, keys.state_from_code(state)))
             continue
         ttl_s = keys.remaining_ttl_s(expires_ms, now_ms)
         plan.bodies.append((msg_id, uid, app, payload, created_ms, expires_ms, seq, keys.state_from_code(state),
@@ -76,14 +81,22 @@ def plan_chunk(rows: Sequence[tuple], now_ms: int, ack_retention_s: int) -> Chun
 TAIL_SETTLED_MS = 10_000
 
 
-def tail_loss(rows: Sequence[tuple], counters: dict[str, int], has_record: dict[int, bool],
+def tail_loss(rows: Sequence[tuple], counters: dict[str, int], redis_state: dict[int, str | None],
               now_ms: int) -> tuple[int, int]:
-    """(counters behind MySQL, settled pending messages missing) for the newest ``rows``
-    (``MessageJournal.tail``), given each pair's counter and whether each row's record exists."""
+    """(counters behind MySQL, messages whose Redis record is missing or behind) for the newest
+    ``rows`` (``MessageJournal.tail``), given each pair's counter and each row's state in Redis
+    (None: no record). Behind: a settled pending message with no record, or one MySQL holds as
+    acked or parked that Redis still has pending (the ack or park was among the lost writes)."""
     behind = {keys.seq_key(uid, app) for _, uid, app, seq, *_ in rows if counters.get(keys.seq_key(uid, app), 0) < seq}
-    missing = sum(1 for msg_id, _, _, _, created_ms, expires_ms, state, _ in rows
-                  if state in _PENDING_CODES and expires_ms > now_ms and created_ms <= now_ms - TAIL_SETTLED_MS
-                  and not has_record.get(msg_id, False))
+    missing = 0
+    for msg_id, _, _, _, created_ms, expires_ms, state, _ in rows:
+        if expires_ms <= now_ms:
+            continue
+        in_redis = redis_state.get(msg_id)
+        if state in _PENDING_CODES:
+            missing += in_redis is None and created_ms <= now_ms - TAIL_SETTLED_MS
+        else:
+            missing += in_redis in keys.PENDING
     return len(behind), missing
 
 
@@ -143,12 +156,13 @@ class RedisRebuild:
             for ckey in ckeys:
                 pipe.execute_command("GET", ckey)
             for row in rows:
-                pipe.execute_command("EXISTS", keys.message_key(row[0]))
+                pipe.execute_command("HGET", keys.message_key(row[0]), "state")
 
         replies = await run_pipeline(self._redis, build)
         counters = {ckey: int(v) for ckey, v in zip(ckeys, replies, strict=False) if v is not None}
-        has_record = {row[0]: bool(v) for row, v in zip(rows, replies[len(ckeys):], strict=True)}
-        return tail_loss(rows, counters, has_record, self._now_ms())
+        redis_state = {row[0]: (v.decode() if isinstance(v, bytes) else v)
+                       for row, v in zip(rows, replies[len(ckeys):], strict=True)}
+        return tail_loss(rows, counters, redis_state, self._now_ms())
 
     async def _write(self, plan: ChunkPlan, token: str) -> None:
         seq_ttl = self.seq_ttl_s
@@ -165,8 +179,12 @@ class RedisRebuild:
                     INBOX_ADD.queue(pipe, [ikey], [ttl, *pairs[i:i + step]])
             for ckey, seq in plan.counters.items():
                 SEQ_RAISE.queue(pipe, [ckey], [seq, seq_ttl])
+            for msg_id, uid, app, state in plan.settled:
+                SETTLE_BODY.queue(pipe, [keys.message_key(msg_id), keys.inbox_key(uid, app), REBUILD_LOCK_KEY],
+                                  [uid, app, state, str(msg_id), token])
             LOCK_EXTEND.queue(pipe, [REBUILD_LOCK_KEY], [token, lock_ttl_ms])
 
-        replies = await run_pipeline(self._redis, build, (RESTORE_BODY, INBOX_ADD, SEQ_RAISE, LOCK_EXTEND))
+        replies = await run_pipeline(self._redis, build, (RESTORE_BODY, INBOX_ADD, SEQ_RAISE, SETTLE_BODY,
+                                                          LOCK_EXTEND))
         if replies[-1] != 1 or any(r is None for r in replies[:len(plan.bodies)]):
             raise RebuildLockLost("the rebuild lock expired or Redis lost it during the rebuild")

@@ -422,3 +422,43 @@ async def test_a_saver_dying_mid_rebuild_is_taken_over(backing_stores, private_r
         for s in savers:
             await s.channel.close()
             s.proc.stop()
+
+
+async def test_an_ack_redis_lost_with_its_last_writes_does_not_bring_the_message_back(backing_stores, redis_db):
+    """A host crash took the Redis side of an ACK (MySQL committed it first): Redis restarts
+    with the message still delivered and in its inbox. The saver compares the newest rows with
+    Redis, rebuilds, and MySQL's acked state wins: the message is never delivered again."""
+    cfg0, tmp = backing_stores
+    data, port = os.path.join(tmp, "redis-saver-lost-ack"), backing.free_port()
+    server = backing.start_redis(data, port)
+    cfg = dataclasses.replace(own_stores(cfg0, "saver_recovery", mysql_database="pylon_saver_rec_lost_ack"),
+                              redis_url=f"redis://127.0.0.1:{port}/0")
+    saver = Saver(cfg, tmp, "saver-rec-lost-ack")
+    try:
+        redis = redis_db(cfg)
+        await wait_for_epoch(redis)
+        rebuilds = await saver.rebuilds()
+        msgs = [msg("la-a") for _ in range(3)]
+        assert await saver.store(*msgs) == [1, 2, 3]
+        await saver.delivered(*msgs)
+        assert await saver.ack(pb.MessageRef(uid="la-a", app="app1", msg_id=msgs[0].msg_id)) == 1
+        # undo the Redis side of the ack, as a Redis missing its last second would have it
+        await redis.hset(f"pylon:m:{msgs[0].msg_id}", mapping={"state": "delivered", "payload": b"p"})
+        await redis.zadd("pylon:in:la-a:app1", {str(msgs[0].msg_id): 1})
+
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(5)
+        server.stop()
+        server = backing.start_redis(data, port)
+        redis = redis_db(cfg)
+
+        deadline = time.monotonic() + 5
+        while await saver.rebuilds() == rebuilds:
+            assert time.monotonic() < deadline, "the lost ack was not noticed"
+            await asyncio.sleep(0.1)
+        await wait_for_epoch(redis)
+        assert [m.msg_id for m in await saver.load("la-a")] == [m.msg_id for m in msgs[1:]]
+        assert (await redis.hget(f"pylon:m:{msgs[0].msg_id}", "state")) == b"acked"
+    finally:
+        await saver.close()
+        server.stop()

@@ -37,6 +37,13 @@ def test_acked_parked_and_expired_rows_stay_out_but_count_for_the_sequence():
     assert plan.counters == {"pylon:seq:u:a": 9}
 
 
+def test_acked_and_parked_rows_are_settled_in_redis_too():
+    rows = [row(1, seq=7, state=2), row(2, seq=9, state=3), row(3, seq=8, state=2, expires_ms=NOW)]
+    plan = plan_chunk(rows, NOW, RETENTION)
+    # MySQL wins for what it holds as acked or parked (a Redis that lost that write has it pending)
+    assert plan.settled == [(1, "u", "a", "acked"), (2, "u", "a", "parked")]
+
+
 def test_each_pair_has_its_own_inbox_counter_and_longest_ttl():
     rows = [row(1, uid="x", seq=3, expires_ms=NOW + 5_000), row(2, uid="x", seq=4, expires_ms=NOW + 20_500),
             row(3, uid="X", seq=1), row(4, uid="x", app="b", seq=2, state=2)]
@@ -57,7 +64,14 @@ def tail_row(msg_id, uid="u", seq=1, state=0, created_ms=NOW - TAIL_SETTLED_MS, 
 
 def test_tail_intact():
     rows = [tail_row(2, seq=2), tail_row(1, seq=1, state=2)]
-    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {2: True, 1: False}, NOW) == (0, 0)
+    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {2: "stored", 1: "acked"}, NOW) == (0, 0)
+    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {2: "delivered", 1: None}, NOW) == (0, 0)
+
+
+def test_tail_with_an_ack_redis_lost():
+    rows = [tail_row(2, seq=2, state=2), tail_row(1, seq=1, state=3)]
+    # MySQL has 2 acked and 1 parked; Redis came back with both still pending
+    assert tail_loss(rows, {"pylon:seq:u:a": 2}, {2: "delivered", 1: "stored"}, NOW) == (0, 2)
 
 
 def test_tail_with_a_counter_behind_mysql():
