@@ -19,8 +19,10 @@ The newest rows of the MySQL log tell (``RedisRebuild.find_tail_loss``): if a co
 or settled messages are missing, the epoch is dropped and Redis rebuilt like after any loss.
 
 States: ready (epoch seen; RPCs pass) → recovering (epoch missing: rebuilding or waiting for the
-saver that is) → ready. Before the first check, and while Redis cannot be reached, RPCs pass too:
-they fail on Redis by themselves, or meet the scripts' atomic epoch check.
+saver that is) → ready. While a Redis not seen before (a restart, or this saver's start) is being
+compared with MySQL's newest rows, RPCs wait too, also while MySQL cannot be read for that. While
+Redis cannot be reached, RPCs pass: they fail on Redis by themselves, or meet the scripts' atomic
+epoch check.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class EpochGuard:
         self.tail_check_rows = tail_check_rows
         self.epoch: bytes | None = None
         self.redis_run_id: str | None = None  # the Redis server process the tail was checked against
-        self._whole = asyncio.Event()  # set while no recovery runs
+        self._whole = asyncio.Event()  # set while no recovery or first check of a Redis runs
         self._whole.set()
         self._recovery: asyncio.Task | None = None
         self._checker: asyncio.Task | None = None
@@ -122,6 +124,10 @@ class EpochGuard:
         if self.recovering:
             return
         if run_id != self.redis_run_id:
+            # a Redis we have not compared with MySQL yet (a restart, or our own start): calls
+            # wait until we have, so nothing is numbered from a counter its last writes may
+            # have lost (if MySQL cannot be read now, they wait for the next check, a second on)
+            self._whole.clear()
             if await self._tail_lost(epoch):
                 return
             self.redis_run_id = run_id
