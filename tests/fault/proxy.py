@@ -127,7 +127,10 @@ class TcpProxy:
             self._blackhole_until = time.monotonic() + blackhole_s
             self._blackhole_only = only
             asyncio.get_running_loop().call_later(blackhole_s, self._end_blackhole)
-        pairs = [p for p in self._pairs if only is None or only(p.peer)]
+        pairs = list(self._pairs)
+        if only is not None:  # it may read /proc or run ss: off the loop, which keeps forwarding meanwhile
+            chosen = await asyncio.get_running_loop().run_in_executor(None, lambda: [only(p.peer) for p in pairs])
+            pairs = [p for p, yes in zip(pairs, chosen, strict=True) if yes]
         self._pairs.difference_update(pairs)
         for p in pairs:
             p.abort()
@@ -147,11 +150,15 @@ class TcpProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         only = self._blackhole_only
-        if time.monotonic() < self._blackhole_until and (only is None
-                                                         or only(writer.get_extra_info("peername")[:2])):
+        if time.monotonic() < self._blackhole_until:
             writer.transport.pause_reading()
-            self._held.add(writer)
-            return
+            peer = writer.get_extra_info("peername")[:2]
+            if only is None or await asyncio.get_running_loop().run_in_executor(None, only, peer):
+                self._held.add(writer)
+                if time.monotonic() >= self._blackhole_until:  # ended while we looked: drop it now
+                    self._end_blackhole()
+                return
+            writer.transport.resume_reading()
         pair = _Pair(writer)
         self._pairs.add(pair)
         try:

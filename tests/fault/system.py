@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -66,6 +68,23 @@ def _listen_inodes(host: str, port: int) -> set[str]:
             if parts[1] == want and parts[3] == "0A":
                 inodes.add(parts[9])
     return inodes
+
+
+def _ss_ports(args: list[str]) -> dict[int, set[str]] | None:
+    """local port -> socket inodes, from ``ss -Htne <args>`` (the kernel filters: cheap even when
+    the machine holds a million sockets, where reading /proc/net/tcp takes seconds); None without ss."""
+    ss = shutil.which("ss")
+    if ss is None:
+        return None
+    out = subprocess.run([ss, "-Htne", *args], capture_output=True, text=True, timeout=30).stdout
+    ports: dict[int, set[str]] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        local = next((p for p in parts if ":" in p and not p.startswith(("ino:", "sk:", "cgroup:"))), None)
+        ino = next((p[4:] for p in parts if p.startswith("ino:")), None)
+        if local is not None and ino is not None:
+            ports.setdefault(int(local.rsplit(":", 1)[1]), set()).add(ino)
+    return ports
 
 
 def _socket_inodes(host: str, port: int) -> set[str]:
@@ -257,23 +276,26 @@ class FaultSystem:
 
     def room_instance_pid(self, i: int) -> int | None:
         """PID of the supervisor's child that listens on instance i's client port, None if none does."""
-        sup = self.services.get("room")
-        if sup is None or not sup.alive():
-            return None
-        inodes = _listen_inodes(ROOM_BIND, self.room_port(i))
-        if not inodes:
-            return None
-        for pid in procs.children(sup.pid):
-            if _owns_socket(pid, inodes):
-                return pid
-        return None
+        return self.room_instance_pids()[i]
 
     def room_instance_pids(self) -> list[int | None]:
-        return [self.room_instance_pid(i) for i in range(self.room_instances)]
+        """For each instance, the PID of the supervisor's child listening on its client port (or None)."""
+        sup = self.services.get("room")
+        if sup is None or not sup.alive():
+            return [None] * self.room_instances
+        listening = _ss_ports(["-l", "src", ROOM_BIND])
+        children = procs.children(sup.pid)
+        out: list[int | None] = []
+        for i in range(self.room_instances):
+            port = self.room_port(i)
+            inodes = listening.get(port, set()) if listening is not None else _listen_inodes(ROOM_BIND, port)
+            out.append(next((pid for pid in children if inodes and _owns_socket(pid, inodes)), None))
+        return out
 
-    def from_rooms(self, peer: tuple[str, int]) -> bool:
-        """True if the connection from ``peer`` (a proxy's client side) belongs to a room instance."""
-        inodes = _socket_inodes(peer[0], peer[1])
+    def from_rooms(self, peer: tuple[str, int], proxy_port: int) -> bool:
+        """True if the connection from ``peer`` to the proxy on ``proxy_port`` belongs to a room instance."""
+        clients = _ss_ports(["state", "established", f"( dport = :{proxy_port} )"])
+        inodes = clients.get(peer[1], set()) if clients is not None else _socket_inodes(peer[0], peer[1])
         return bool(inodes) and any(_owns_socket(pid, inodes) for pid in self.room_instance_pids() if pid)
 
     def problems(self) -> list[str]:
@@ -315,8 +337,6 @@ class FaultSystem:
 
     def wipe_redis(self) -> list[str]:
         """Delete a killed Redis's data (its append-only dir, any snapshot): it comes back empty."""
-        import shutil
-
         if self.stores["redis"].proc.poll() is None:
             raise FaultSystemError("wipe_redis: Redis is still running")
         data = os.path.join(self.dir, "redis")

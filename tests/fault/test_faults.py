@@ -222,8 +222,13 @@ def _restart_room_tier(e: Env, info: dict) -> None:
 def cut(*proxies: str, rooms_only: bool = False) -> tuple[Callable, Callable]:
     """Cut the paths through ``proxies``; with ``rooms_only`` just the room instances' connections."""
     def inject(e: Env, info: dict) -> None:
-        only = e.system.from_rooms if rooms_only else None
-        info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S, only) for p in proxies}
+        def only_for(proxy):
+            if not rooms_only:
+                return None
+            return lambda peer: e.system.from_rooms(peer, proxy.listen[1])
+
+        info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S, only_for(e.system.proxies[p]))
+                                   for p in proxies}
 
     return inject, _blackhole_ends
 
