@@ -272,14 +272,15 @@ class LoadHarness:
         self._pub_stats = PublisherStats(scenario)
         self._publisher = self.loop.create_task(self._publish(self._pub_stats, rate_per_s, max_s, max_count))
 
-    def stop_publisher(self) -> PublisherStats:
+    def stop_publisher(self) -> PublisherStats | None:
         """Stop posting; wait (bounded by the request timeout) for the pushes in flight to answer."""
         return self.call(self._stop_publisher(), REQUEST_TIMEOUT_S + 10)
 
-    async def _stop_publisher(self) -> PublisherStats:
+    async def _stop_publisher(self) -> PublisherStats | None:
         if self._publisher is not None:
             self._publisher.cancel()
             await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
         if self._push_tasks:
             await asyncio.wait(set(self._push_tasks), timeout=REQUEST_TIMEOUT_S + 5)
         return self._pub_stats

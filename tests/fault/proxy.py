@@ -97,7 +97,7 @@ class TcpProxy:
         """Abort every proxied connection now; black-hole new ones for ``blackhole_s``. With
         ``only``, just the connections whose peer (host, port) it accepts, during the black hole
         too. Returns how many connections were cut."""
-        return self._loop.call(self._cut(blackhole_s, only))
+        return self._loop.call(self._cut(blackhole_s, only), 60 if only is not None else 10)
 
     def stop(self) -> None:
         self._loop.call(self._stop())

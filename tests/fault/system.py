@@ -292,6 +292,12 @@ class FaultSystem:
             out.append(next((pid for pid in children if inodes and _owns_socket(pid, inodes)), None))
         return out
 
+    def room_client_ports(self, proxy_port: int) -> set[int]:
+        """Local ports of the room instances' connections to the proxy on ``proxy_port`` (one look-up)."""
+        clients = _ss_ports(["state", "established", f"( dport = :{proxy_port} )"]) or {}
+        pids = [pid for pid in self.room_instance_pids() if pid]
+        return {port for port, inodes in clients.items() if any(_owns_socket(pid, inodes) for pid in pids)}
+
     def from_rooms(self, peer: tuple[str, int], proxy_port: int) -> bool:
         """True if the connection from ``peer`` to the proxy on ``proxy_port`` belongs to a room instance."""
         clients = _ss_ports(["state", "established", f"( dport = :{proxy_port} )"])

@@ -225,7 +225,8 @@ def cut(*proxies: str, rooms_only: bool = False) -> tuple[Callable, Callable]:
         def only_for(proxy):
             if not rooms_only:
                 return None
-            return lambda peer: e.system.from_rooms(peer, proxy.listen[1])
+            known = e.system.room_client_ports(proxy.listen[1])  # looked up once, before the cut
+            return lambda peer: peer[1] in known or e.system.from_rooms(peer, proxy.listen[1])
 
         info["connections_cut"] = {p: e.system.proxies[p].cut(BLACKHOLE_S, only_for(e.system.proxies[p]))
                                    for p in proxies}
@@ -341,6 +342,16 @@ def _evidence(e: Env, fault: Fault) -> str:
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault(env: Env, fault: Fault) -> None:
+    try:
+        _scenario(env, fault)
+    except BaseException:
+        env.failed = True  # keep the logs
+        raise
+    finally:
+        env.harness.stop_publisher()  # an error mid-scenario must not leave the load running into the next one
+
+
+def _scenario(env: Env, fault: Fault) -> None:
     e, h, name = env, env.harness, fault.name
     rec: dict = {"fault": name}
     failures: list[str] = []
