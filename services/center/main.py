@@ -67,10 +67,22 @@ def main(args) -> int:
     return runtime.run(lambda stop: serve(common, cfg, stop))
 
 
-async def _republish_loop(registry: AppRegistry, every_s: float) -> None:
+# How often center looks whether the app table is still in Redis (one EXISTS): after Redis lost
+# its data, rooms refuse every AUTH with UNKNOWN_APP until the table is back.
+APP_TABLE_CHECK_S = 1.0
+
+
+async def _republish_loop(registry: AppRegistry, every_s: float, redis) -> None:
+    from services.common import apps as apps_mod
+
+    since = 0.0
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(APP_TABLE_CHECK_S)
+        since += APP_TABLE_CHECK_S
         try:
+            if since < every_s and await redis.exists(apps_mod.REDIS_KEY):
+                continue
+            since = 0.0
             await registry.publish_all()
         except (BackendUnavailable, RedisError) as exc:
             log.warning("periodic app republish failed: %s", exc)
@@ -137,7 +149,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
                   region=common.region)
     stats.center_id = me.id
     await discovery.announce(me)
-    republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s))
+    republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s, rdb))
     log.info("center listening on %s:%d (id %s, pid %d, metrics %s)", cfg.host, port, me.id, os.getpid(),
              metrics_addr)
 

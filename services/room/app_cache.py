@@ -63,7 +63,13 @@ class AppCache:
                     log.warning("skipping bad app record %r: %s", key, exc)
                     continue
                 table[app.id] = app
-            self.apps = table
+            if table or not self.apps:
+                self.apps = table
+            else:
+                # the whole table gone at once: Redis lost its data (center puts it back within a
+                # second or two); refusing every AUTH with UNKNOWN_APP meanwhile would make SDKs
+                # give up for good, so keep what we had
+                log.warning("app table is empty in Redis; keeping the %d apps known until it is back", len(self.apps))
             self.loaded = True
         except Exception as exc:
             ok = False
