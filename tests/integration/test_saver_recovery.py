@@ -156,6 +156,14 @@ async def wait_for_epoch(redis, timeout_s: float = 5.0) -> float:
     return time.monotonic() - started
 
 
+
+def kill_and_restart(server, data: str, port: int):
+    """kill -9 a redis-server and start it again on the same dir and port (its append-only file)."""
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(5)
+    server.stop()
+    return backing.start_redis(data, port)
+
 async def test_flushdb_brings_back_pending_messages_states_attempts_and_seqs(
         backing_stores, private_redis, redis_db, mysql_db):
     cfg = stores_for(backing_stores, private_redis, 1, "pylon_saver_rec_flush")
@@ -294,10 +302,7 @@ async def test_redis_killed_and_restarted_on_its_dir_keeps_everything_without_a_
         await saver.delivered(msgs[0])
         await saver.ack(ref(msgs[1]))
 
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(5)
-        server.stop()
-        server = backing.start_redis(data, port)
+        server = kill_and_restart(server, data, port)
         redis = redis_db(cfg)  # the old client's connection died with the server
 
         assert [(m.msg_id, m.seq) for m in await saver.load("rk-a")] == [(msgs[0].msg_id, 1), (msgs[2].msg_id, 3)]
@@ -367,10 +372,7 @@ async def test_redis_back_without_its_last_writes_is_rebuilt(backing_stores, red
         await redis.set("pylon:seq:rt-a:app1", 2)
         await redis.delete(*(f"pylon:m:{m.msg_id}" for m in msgs[2:]))
 
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(5)
-        server.stop()
-        server = backing.start_redis(data, port)
+        server = kill_and_restart(server, data, port)
         redis = redis_db(cfg)
 
         deadline = time.monotonic() + 5
@@ -446,10 +448,7 @@ async def test_an_ack_redis_lost_with_its_last_writes_does_not_bring_the_message
         await redis.hset(f"pylon:m:{msgs[0].msg_id}", mapping={"state": "delivered", "payload": b"p"})
         await redis.zadd("pylon:in:la-a:app1", {str(msgs[0].msg_id): 1})
 
-        os.kill(server.proc.pid, signal.SIGKILL)
-        server.proc.wait(5)
-        server.stop()
-        server = backing.start_redis(data, port)
+        server = kill_and_restart(server, data, port)
         redis = redis_db(cfg)
 
         deadline = time.monotonic() + 5
