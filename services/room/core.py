@@ -584,12 +584,7 @@ class RoomInstance:
                 ts_ms=self.wall_ms(), instance=s.instance))
 
     def _load_inbox(self, session: Session, apps: Iterable[str]) -> None:
-        def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
-            if err is None and inbox is not None and inbox.messages and session.state in (OPEN, DETACHED):
-                self.deliver(session, inbox.messages)
-            # on error the messages stay stored: the next push or connect delivers them
-
-        self._submit(self.backends.load_inbox, ipb.InboxKey(uid=session.uid, apps=apps), loaded)
+        self._submit(self.backends.load_inbox, ipb.InboxKey(uid=session.uid, apps=apps), self._loaded_for(session))
 
     def _submit(self, batcher, item, done=None) -> bool:
         try:
@@ -810,6 +805,8 @@ class RoomInstance:
         return registered
 
     def _loaded_for(self, session: Session) -> Callable:
+        """The completion of an inbox load for ``session``: deliver what came (on error the
+        messages stay stored: the next push, load or connect delivers them)."""
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
             if err is None and inbox is not None and inbox.messages and session.state in (OPEN, DETACHED):
                 self.deliver(session, inbox.messages)
