@@ -140,14 +140,16 @@ class LoadReply(_message.Message):
     def __init__(self, inboxes: _Optional[_Iterable[_Union[Inbox, _Mapping]]] = ...) -> None: ...
 
 class MessageRef(_message.Message):
-    __slots__ = ("uid", "app", "msg_id")
+    __slots__ = ("uid", "app", "msg_id", "broadcast")
     UID_FIELD_NUMBER: _ClassVar[int]
     APP_FIELD_NUMBER: _ClassVar[int]
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    BROADCAST_FIELD_NUMBER: _ClassVar[int]
     uid: str
     app: str
     msg_id: int
-    def __init__(self, uid: _Optional[str] = ..., app: _Optional[str] = ..., msg_id: _Optional[int] = ...) -> None: ...
+    broadcast: bool
+    def __init__(self, uid: _Optional[str] = ..., app: _Optional[str] = ..., msg_id: _Optional[int] = ..., broadcast: _Optional[bool] = ...) -> None: ...
 
 class MessageRefs(_message.Message):
     __slots__ = ("refs",)
@@ -198,10 +200,12 @@ class PushReply(_message.Message):
     def __init__(self, delivered: _Optional[int] = ...) -> None: ...
 
 class BroadcastRequest(_message.Message):
-    __slots__ = ("message",)
+    __slots__ = ("message", "max_per_s")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PER_S_FIELD_NUMBER: _ClassVar[int]
     message: StoredMessage
-    def __init__(self, message: _Optional[_Union[StoredMessage, _Mapping]] = ...) -> None: ...
+    max_per_s: int
+    def __init__(self, message: _Optional[_Union[StoredMessage, _Mapping]] = ..., max_per_s: _Optional[int] = ...) -> None: ...
 
 class KickRequest(_message.Message):
     __slots__ = ("uids", "session_ids", "reason", "app")

@@ -306,6 +306,11 @@ class SaverStub:
                 request_serializer=internal__pb2.GetMessageRequest.SerializeToString,
                 response_deserializer=internal__pb2.MessageState.FromString,
                 _registered_method=True)
+        self.StoreBroadcast = channel.unary_unary(
+                '/pylon.internal.Saver/StoreBroadcast',
+                request_serializer=internal__pb2.StoreRequest.SerializeToString,
+                response_deserializer=internal__pb2.Count.FromString,
+                _registered_method=True)
 
 
 class SaverServicer:
@@ -342,6 +347,15 @@ class SaverServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreBroadcast(self, request, context):
+        """Store broadcasts (broadcast = true, msg_id = broadcast id, uid empty): committed to MySQL and
+        live in Redis until their TTL, so LoadInbox hands each one to every (uid, app) that has not
+        acked it. The reply's n is how many were stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -369,6 +383,11 @@ def add_SaverServicer_to_server(servicer, server):
                     servicer.GetMessage,
                     request_deserializer=internal__pb2.GetMessageRequest.FromString,
                     response_serializer=internal__pb2.MessageState.SerializeToString,
+            ),
+            'StoreBroadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreBroadcast,
+                    request_deserializer=internal__pb2.StoreRequest.FromString,
+                    response_serializer=internal__pb2.Count.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -506,6 +525,33 @@ class Saver:
             '/pylon.internal.Saver/GetMessage',
             internal__pb2.GetMessageRequest.SerializeToString,
             internal__pb2.MessageState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreBroadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Saver/StoreBroadcast',
+            internal__pb2.StoreRequest.SerializeToString,
+            internal__pb2.Count.FromString,
             options,
             channel_credentials,
             insecure,
