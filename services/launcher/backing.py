@@ -14,7 +14,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-APT_PACKAGES = {"redis-server": "redis-server", "mariadbd": "mariadb-server", "mariadb-install-db": "mariadb-server"}
+APT_PACKAGES = {"redis-server": "redis-server", "mariadbd": "mariadb-server", "mariadb-install-db": "mariadb-server",
+                "prometheus": "prometheus", "promtool": "prometheus"}
 
 
 class BackingError(Exception):

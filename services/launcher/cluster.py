@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 
 from services.common.config import CommonConfig
-from services.launcher import backing, procs
+from services.launcher import backing, procs, prometheus
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ ROOM_NICE = 5
 class LocalCluster:
     def __init__(self, var_dir: str, ports: Ports | None = None, room_instances: int = 2,
                  common: CommonConfig | None = None, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", center_processes: int = 1) -> None:
+                 host: str = "127.0.0.1", center_processes: int = 1, prometheus_port: int | None = None,
+                 scrape_interval: str | None = None) -> None:
         self.var = os.path.abspath(var_dir)
         self.ports = ports or Ports()
         self.room_instances = room_instances
@@ -125,6 +126,11 @@ class LocalCluster:
         self.plans: dict[str, ServicePlan] = {}
         self.started_at: dict[str, float] = {}  # monotonic time of each service's (and own store's) last start
         self._env: dict[str, str] = {}
+        # Prometheus: targets.json is always kept (see refresh_targets); the server itself runs
+        # when prometheus_port is not None (0: 9090 if free, else any free port)
+        self.prometheus_port = prometheus_port
+        self.scrape_interval = scrape_interval
+        self.targets: prometheus.TargetsFile | None = None
 
     @property
     def identity_path(self) -> str:
@@ -137,6 +143,14 @@ class LocalCluster:
     @property
     def dispatcher_url(self) -> str:
         return f"http://{self.host}:{self.ports.dispatcher}"
+
+    @property
+    def prometheus_dir(self) -> str:
+        return os.path.join(self.var, "prometheus")
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://{self.host}:{self.prometheus_port}" if self.prometheus_port else ""
 
     @property
     def room_addresses(self) -> list[tuple[str, int]]:
@@ -155,6 +169,9 @@ class LocalCluster:
     def _start_store(self, name: str) -> None:
         if name == "redis":
             store = backing.start_redis(os.path.join(self.var, "redis"), self.ports.redis, self.host)
+        elif name == "prometheus":
+            store = prometheus.start_prometheus(self.prometheus_dir, self.prometheus_port, self.host,
+                                                self.scrape_interval)
         else:
             store = backing.start_mariadb(os.path.join(self.var, "mariadb"), self.ports.mysql, self.host)
         self.stores = [st for st in self.stores if st.name != name] + [store]
@@ -187,9 +204,21 @@ class LocalCluster:
             for name in self.plans:
                 self._start_service(name)
             self._wait_discovered()
+            self.targets = prometheus.TargetsFile(os.path.join(self.prometheus_dir, prometheus.TARGETS_FILE),
+                                                  self.common.redis_url)
+            self.refresh_targets(force=True)
+            if self.prometheus_port is not None:
+                self.prometheus_port = prometheus.pick_port(self.host, self.prometheus_port)
+                self._start_store("prometheus")
         except Exception:
             self.stop()
             raise
+
+    def refresh_targets(self, force: bool = False) -> None:
+        """Rewrite <var>/prometheus/targets.json if the live instances in discovery changed
+        (reads discovery at most once a second unless ``force``)."""
+        if self.targets is not None:
+            self.targets.refresh(force)
 
     def _start_service(self, name: str) -> None:
         plan = self.plans[name]
@@ -218,7 +247,7 @@ class LocalCluster:
         sp = self.services.get(name)
         if sp is not None:
             return sp.log_path
-        return os.path.join(self.var, name, "redis.log" if name == "redis" else "mariadb.log")
+        return os.path.join(self.var, name, {"redis": "redis.log", "prometheus": "prometheus.log"}.get(name, "mariadb.log"))
 
     def restart(self, name: str) -> None:
         """Start service (or own store) ``name`` again with the arguments it was first started
@@ -370,6 +399,8 @@ class LocalCluster:
         for store in reversed(self.stores):
             store.stop()
         self.stores.clear()
+        if self.targets is not None:
+            self.targets.close()
 
 
 def _app_fields(app) -> bool:

@@ -19,6 +19,10 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--centers", type=int, default=1,
                    help="center processes sharing the center port (SO_REUSEPORT), one core each (default 1)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="also run Prometheus (Debian package) scraping every process, data in <var>/prometheus")
+    p.add_argument("--prometheus-port", type=int, default=0,
+                   help="Prometheus's port with --prometheus (default 9090 if free, else any free port)")
 
 
 def main(args) -> int:
@@ -30,7 +34,11 @@ def main(args) -> int:
     if not 1 <= args.centers <= 64:
         print("pylon up: --centers must be 1 .. 64", file=sys.stderr)
         return 1
-    cluster = LocalCluster(args.var, room_instances=rooms, host=args.host, center_processes=args.centers)
+    if not 0 <= args.prometheus_port < 65536:
+        print("pylon up: --prometheus-port must be a TCP port", file=sys.stderr)
+        return 1
+    cluster = LocalCluster(args.var, room_instances=rooms, host=args.host, center_processes=args.centers,
+                           prometheus_port=args.prometheus_port if args.prometheus else None)
     stopping = False
 
     def on_signal(_sig, _frame):
@@ -53,11 +61,15 @@ def main(args) -> int:
     cluster.write_local_json(path)
     kept = "" if cluster.app_created else "  (kept from the previous run)"
     rooms_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_addresses)
+    targets = os.path.join(args.var, "prometheus", "targets.json")
+    monitoring = (f"  prometheus  {cluster.prometheus_url}    (scrapes every process listed in {targets})"
+                  if cluster.prometheus_url else f"  targets     {targets}    (Prometheus file_sd; --prometheus runs one)")
     print(f"""
 Pylon is up.
   center      {cluster.center_url}    (API, /dashboard, /metrics, /openapi.json)
   dispatcher  {cluster.dispatcher_url}
   rooms       {rooms_text}
+{monitoring}
   demo app    id={app['id']}{kept}
               api_key={app['api_key']}
               secret={app['secret']}
@@ -73,7 +85,7 @@ Then push it a message:
 
 Ctrl-C stops everything.""", flush=True)
     try:
-        watch(cluster, lambda: stopping)
+        watch(cluster, lambda: stopping, tick=cluster.refresh_targets)
     finally:
         print("\nstopping ...", flush=True)
         cluster.stop()
@@ -81,8 +93,9 @@ Ctrl-C stops everything.""", flush=True)
     return 0
 
 
-def watch(cluster, stopping, poll_s: float = 0.5) -> None:
-    """Until ``stopping()``: start again every process of ``cluster`` that died."""
+def watch(cluster, stopping, poll_s: float = 0.5, tick=None) -> None:
+    """Until ``stopping()``: start again every process of ``cluster`` that died; call ``tick()``
+    (if given) once per poll."""
     from services.launcher.procs import RestartBackoff, describe_exit
 
     # 1 s, doubling while it dies within a minute of its start, at most 30 s
@@ -112,6 +125,8 @@ def watch(cluster, stopping, poll_s: float = 0.5) -> None:
                 due[name] = now + delay
                 _say(f"{name} {describe_exit(cluster.exit_code(name))} after {lived:.0f} s; restarting it in "
                      f"{delay:.0f} s (log: {cluster.log_path(name)})")
+        if tick is not None:
+            tick()
         time.sleep(poll_s)
 
 

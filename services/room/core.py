@@ -530,6 +530,7 @@ class RoomInstance:
         self.sessions += 1
         m.SESSIONS.inc()
         m.auth_ok.inc()
+        m.AUTH_SECONDS.observe(max(0, self.wall_ms() - session.connected_ms) / 1000)
         self._arm(session)
         if session.device_id:
             self._replace_duplicates(session)

@@ -48,6 +48,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc as igrpc
     from services.common.rpc import ChannelPool, start_server
+    from services.room import metrics as room_metrics
     from services.room.app_cache import AppCache
     from services.room.backends import RoomBackends
     from services.room.connection import ClientConnection
@@ -84,6 +85,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
                                      [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
+    room_metrics.CAPACITY.set(cfg.per_instance_connections)
     me = Instance(service="room", id=instance_id, host=host, port=cfg.port, grpc=f"{host}:{cfg.grpc_port}",
                   metrics=f"{host}:{metrics.bound_port(msrv)}", region=common.region,
                   capacity=cfg.per_instance_connections)

@@ -10,8 +10,10 @@ children are resolved once here, not per frame. Exported names and labels are th
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import REGISTRY
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from services.common.codec import ErrorCode, Op
 
@@ -72,6 +74,28 @@ class Family:
         return fam
 
 
+class Buckets:
+    """An unlabelled histogram kept as plain int bucket counts (the same reason as ``Count``)."""
+
+    def __init__(self, name: str, doc: str, bounds: tuple[float, ...]) -> None:
+        self.name, self.doc, self.bounds = name, doc, bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le semantics: value <= bound
+        self.sum += value
+
+    def export(self):
+        fam = HistogramMetricFamily(self.name, self.doc)
+        cumulative, buckets = 0, []
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            cumulative += n
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        fam.add_metric([], buckets, self.sum)
+        return fam
+
+
 class _Collector:
     def __init__(self, families: list[Family]) -> None:
         self.families = families
@@ -117,6 +141,14 @@ REREGISTERED = Family("pylon_room_reregistered_total", "Sessions registered agai
 REGISTRY.register(_Collector([CONNECTIONS, SESSIONS, ACCEPT_QUEUE, ACCEPT_SHEDDING, ACCEPT_WAITS, OVERDUE, AUTHS,
                               FRAMES_IN, FRAMES_OUT, MESSAGES_OUT, ACKS, CLOSED, UPSTREAM, DETACHED, RESUMES, TAKEN,
                               REPLACED, EPOCHS, REREGISTERED]))
+
+CAPACITY = Family("pylon_room_connection_capacity",
+                  "Connections this instance is sized for (per_instance_connections; also its discovery capacity)",
+                  gauge=True)
+AUTH_SECONDS = Buckets("pylon_room_auth_seconds",
+                       "AUTH received to AUTH_OK sent for new sessions (token check, register write)",
+                       (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+REGISTRY.register(_Collector([CAPACITY, AUTH_SECONDS]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
 frames_out = {int(op): FRAMES_OUT.labels(op.name) for op in Op}

@@ -164,11 +164,15 @@ class MessageJournal:
             if remaining == 0:
                 fut.set_result(None)
 
+        submitted = time.perf_counter()
+        lag = m.MYSQL_WRITE_LAG.labels(batcher.name.rsplit("_", 1)[-1])
         for item in items:
             batcher.submit(item, done)
         try:
             await asyncio.wait_for(fut, self.cfg.mysql_timeout_s)
+            lag.observe(time.perf_counter() - submitted)
         except TimeoutError:
+            lag.observe(time.perf_counter() - submitted)
             raise self._failed(BackendUnavailable("MySQL", f"no answer within {self.cfg.mysql_timeout_s:g}s")) from None
 
     def _failed(self, exc: BaseException) -> BaseException:

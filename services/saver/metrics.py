@@ -20,6 +20,11 @@ MYSQL_SECONDS = Histogram(
     "pylon_saver_mysql_seconds", "MySQL statement latency", ["op"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
+MYSQL_WRITE_LAG = Histogram(
+    "pylon_saver_mysql_write_lag_seconds",
+    "A write's wait from its submission to its MySQL commit (batch queue + statement), by op (insert, update)",
+    ["op"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 RPC_SECONDS = Histogram(
     "pylon_saver_rpc_seconds", "Saver RPC handling time by method and outcome", ["method", "outcome"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
