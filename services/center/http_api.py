@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.center import validation
+from services.center import telemetry, validation
 from services.center.app_registry import AppRegistry, app_view
 from services.center.auth import Authenticator, Principal
+from services.center.errors import NotFound
 from services.center.http_errors import json_response, make_middleware
 from services.center.messages import MessageQuery, state_view
+from services.center.overview import OverviewCollector
 from services.center.push import PushService
 from services.center.push_decoding import decode_push
 from services.center.stats import StatsCollector
@@ -36,6 +38,7 @@ class CenterParts:
     limits: Limits
     openapi: bytes = b"{}"
     dashboard: bytes = b""
+    overview: OverviewCollector | None = None
 
 
 class CenterApi:
@@ -55,6 +58,7 @@ class CenterApi:
             web.get("/v1/users/{uid}", self.presence),
             web.post("/v1/users/{uid}/kick", self.kick),
             web.get("/v1/stats", self.stats),
+            web.get("/v1/admin/overview", self.overview),
             web.post("/v1/apps", self.create_app),
             web.get("/v1/apps", self.list_apps),
             web.get("/v1/apps/{id}", self.get_app),
@@ -97,6 +101,12 @@ class CenterApi:
         await self._principal(request)
         return json_response(await self.p.stats.snapshot())
 
+    async def overview(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        if self.p.overview is None:
+            raise NotFound("this center keeps no cluster overview", "overview_disabled")
+        return json_response(await self.p.overview.overview(), headers={"Cache-Control": "no-store"})
+
     # ------------------------------------------------------------ app servers
 
     async def mint_token(self, request: web.Request) -> web.Response:
@@ -114,6 +124,7 @@ class CenterApi:
             result = await self.p.push.push_messages(app, body.messages)
         else:
             result = await self.p.push.push(app, body.uids, body.payload, body.ttl_s)
+        telemetry.APP_MESSAGES.labels(app.id).inc(len(result.msg_ids))
         return json_response({"msg_ids": [str(i) for i in result.msg_ids], "online": result.online,
                               "delivered": result.delivered})
 
@@ -122,6 +133,7 @@ class CenterApi:
         body = validation.broadcast_body(await self._body(request), self.p.limits)
         app = await self.p.auth.target_app(principal, body.app)
         result = await self.p.push.broadcast(app, body.payload, body.ttl_s)
+        telemetry.APP_BROADCASTS.labels(app.id).inc()
         return json_response({"broadcast_id": str(result.broadcast_id), "rooms": result.rooms,
                               "delivered": result.delivered, "failed": result.failed})
 

@@ -15,10 +15,12 @@ from redis.exceptions import RedisError
 from services.center import app_registry
 from services.center.app_registry import AppRegistry
 from services.center.auth import Authenticator
+from services.center.cluster_metrics import MetricsScraper
 from services.center.config import CenterConfig
 from services.center.errors import BackendUnavailable
 from services.center.http_api import CenterParts, make_app
 from services.center.messages import MessageQuery
+from services.center.overview import OverviewCollector
 from services.center.processes import ProcessRole, port_taken, supervise
 from services.center.push import PushService
 from services.center.ratelimit import RateLimiter
@@ -119,10 +121,12 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
                        tally=tally, room_deadline_s=cfg.room_deadline_s, rpc_batch_bytes=cfg.rpc_batch_bytes,
                        rpc_batch_items=cfg.rpc_batch_items, max_in_flight_bytes=cfg.max_in_flight_bytes)
     stats = StatsCollector(discovery, tally, group=role.tallies if role is not None else None)
+    overview = OverviewCollector(discovery, MetricsScraper(), rdb, pool)
     parts = CenterParts(auth=Authenticator(registry, cfg.admin_key), registry=registry, push=push,
                         users=UserService(register, coordinator), messages=MessageQuery(saver), stats=stats,
                         tally=tally, limits=Limits.from_config(cfg),
-                        openapi=(HERE / "openapi.json").read_bytes(), dashboard=(HERE / "dashboard.html").read_bytes())
+                        openapi=(HERE / "openapi.json").read_bytes(), dashboard=(HERE / "dashboard.html").read_bytes(),
+                        overview=overview)
     if not cfg.admin_key:
         log.warning("no admin key configured: admin routes (/v1/apps) are disabled")
 
@@ -147,8 +151,9 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     metrics_addr = f"{common.advertise_host}:{metrics.bound_port(metrics_server) if metrics_server else port}"
     me = Instance(service="center", id=center_id, host=common.advertise_host, port=port, metrics=metrics_addr,
                   region=common.region)
-    stats.center_id = me.id
+    stats.center_id = overview.center_id = me.id
     await discovery.announce(me)
+    await overview.start()
     republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s, rdb))
     log.info("center listening on %s:%d (id %s, pid %d, metrics %s)", cfg.host, port, me.id, os.getpid(),
              metrics_addr)
@@ -158,6 +163,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     finally:
         log.info("center stopping")
         republisher.cancel()
+        await overview.close()
         await discovery.withdraw()
         await discovery.close()
         await runner.cleanup()

@@ -21,6 +21,9 @@ ROOM_FAILURES = Counter("pylon_center_room_failures_total", "Room calls that fai
 OVERLOADED = Counter("pylon_center_overloaded_total", "Push calls refused because too many bytes were in flight")
 LOOKUP_FAILURES = Counter("pylon_center_lookup_failures_total",
                           "Register lookups that failed during a push (message stays stored)")
+# per app: apps are created by the operator, so the label set stays as small as the app table
+APP_MESSAGES = Counter("pylon_center_app_messages_total", "Messages accepted by push calls, per app", ["app"])
+APP_BROADCASTS = Counter("pylon_center_app_broadcasts_total", "Broadcasts accepted, per app", ["app"])
 
 
 @dataclass(slots=True)
