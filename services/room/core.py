@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 
 from services.common import tcpinfo, tokens
 from services.common.batching import Overloaded
-from services.common.codec import HEADER, HEADER_SIZE, VERSION, ErrorCode, Frame, Op, encode
+from services.common.codec import HEADER, HEADER_SIZE, VERSION, ErrorCode, Frame, Op
 from services.common.pb import client_pb2 as cpb
 from services.common.pb import internal_pb2 as ipb
 from services.room import metrics as m
@@ -27,6 +27,7 @@ from services.room import resume
 from services.room.app_cache import AppCache
 from services.room.config import RoomConfig
 from services.room.connection import ClientConnection
+from services.room.fanout import BroadcastFanout
 from services.room.session import AUTHENTICATING, CLOSED, DETACHED, HANDSHAKE, OPEN, Event, Held, Session
 from services.room.wheel import HeartbeatWheel
 
@@ -94,6 +95,10 @@ class RoomInstance:
         self.wall_ms = wall_ms
         self.connections: set[ClientConnection] = set()   # open links, any state
         self.by_uid: dict[str, Session | list[Session]] = {}  # OPEN and DETACHED sessions
+        # app -> its OPEN and DETACHED sessions (an insertion-ordered set): a broadcast's fan-out
+        # visits these, never every connection
+        self.by_app: dict[str, dict[Session, None]] = {}
+        self.fanout = BroadcastFanout(self, wall_ms=wall_ms)
         self.sessions = 0   # OPEN
         self.detached = 0   # DETACHED
         self.wheel = HeartbeatWheel(int(clock()))
@@ -228,6 +233,7 @@ class RoomInstance:
         for task in (self._tick_task, self._reregister_task, self._epoch_task, *self._tasks):
             if task is not None:
                 task.cancel()
+        await self.fanout.close()
 
     # ------------------------------------------------------------------ connection events
     def on_connect(self, conn: ClientConnection) -> None:
@@ -669,7 +675,7 @@ class RoomInstance:
         dropped = tuple(a for a in old.apps if a not in session.apps)
         if added or dropped:
             self._drop_messages(old, set(dropped))
-            old.apps = session.apps
+            self._set_apps(old, session.apps)
             self._submit(self.backends.register, self._session_pb(old))
             self._status(old, added, online=True)
             self._status(old, dropped, online=False)
@@ -714,8 +720,8 @@ class RoomInstance:
 
         def stored(held) -> list[ipb.StoredMessage]:
             # bodiless ones are left out: the new instance reads the inbox once after a take-over
-            return [ipb.StoredMessage(msg_id=h.msg_id, uid=uid, app=h.app, payload=h.payload,
-                                      created_ms=h.created_ms, seq=h.seq) for h in held if h.payload is not None]
+            return [ipb.StoredMessage(msg_id=h.msg_id, uid=uid, app=h.app, payload=h.payload, created_ms=h.created_ms,
+                                      seq=h.seq, broadcast=h.broadcast) for h in held if h.payload is not None]
 
         taken = ipb.TakenSession(found=True, apps=session.apps, unacked=stored((session.unacked or {}).values()),
                                  pending=stored(session.pending or ()), connected_ms=session.connected_ms,
@@ -846,6 +852,7 @@ class RoomInstance:
 
     # ------------------------------------------------------------------ index
     def _index(self, session: Session) -> None:
+        self._index_apps(session, session.apps)
         cur = self.by_uid.get(session.uid)
         if cur is None:
             self.by_uid[session.uid] = session
@@ -854,7 +861,32 @@ class RoomInstance:
         else:
             self.by_uid[session.uid] = [cur, session]
 
+    def _index_apps(self, session: Session, apps: Iterable[str]) -> None:
+        by_app = self.by_app
+        for app in apps:
+            members = by_app.get(app)
+            if members is None:
+                members = by_app[app] = {}
+            members[session] = None
+
+    def _unindex_apps(self, session: Session, apps: Iterable[str]) -> None:
+        by_app = self.by_app
+        for app in apps:
+            members = by_app.get(app)
+            if members is not None:
+                members.pop(session, None)
+                if not members:
+                    del by_app[app]
+
+    def _set_apps(self, session: Session, apps: tuple[str, ...]) -> None:
+        """Change what a session is bound to, keeping the app index (OPEN and DETACHED sessions) in step."""
+        if session.state in (OPEN, DETACHED):
+            self._unindex_apps(session, [a for a in session.apps if a not in apps])
+            self._index_apps(session, [a for a in apps if a not in session.apps])
+        session.apps = apps
+
     def _unindex(self, session: Session) -> None:
+        self._unindex_apps(session, session.apps)
         cur = self.by_uid.get(session.uid)
         if cur is session:
             del self.by_uid[session.uid]
@@ -916,7 +948,7 @@ class RoomInstance:
                 session.held_bytes += len(payload)
             else:
                 payload = None
-            out.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq))
+            out.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq, msg.broadcast))
         return out
 
     def deliver(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> int:
@@ -971,10 +1003,18 @@ class RoomInstance:
         self._count_delivered(session, fresh)
 
     def _count_delivered(self, session: Session, fresh) -> None:
+        """One delivery attempt per unicast message (the poison-message count); a broadcast copy
+        has no attempts: it is handed out again at connect until acked, within its TTL."""
         uid = session.uid
+        n = 0
         for msg in fresh:
+            if msg.broadcast:
+                continue
             self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
-        m.unicast_out.inc(len(fresh))
+            n += 1
+        m.unicast_out.inc(n)
+        if n < len(fresh):
+            m.broadcast_out.inc(len(fresh) - n)
 
     def _hold(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> None:
         """Keep what arrives for a detached session, within a count and a byte bound; what does
@@ -994,7 +1034,7 @@ class RoomInstance:
             if room_left <= 0 or len(payload) > bytes_left:
                 session.reload = True
                 break
-            pending.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq))
+            pending.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq, msg.broadcast))
             held.add(msg.msg_id)
             room_left -= 1
             bytes_left -= len(payload)
@@ -1007,7 +1047,7 @@ class RoomInstance:
         budget = self.max_frame - HEADER_SIZE - PUSH_FRAME_SLACK
         for msg in messages:
             item = cpb.Message(msg_id=msg.msg_id, app=msg.app, payload=msg.payload, created_ms=msg.created_ms,
-                               seq=msg.seq)
+                               seq=msg.seq, broadcast=msg.broadcast)
             item_size = item.ByteSize() + 8
             if batch and size + item_size > budget:
                 self.send(session, Op.PUSH, cpb.Push(messages=batch).SerializeToString())
@@ -1029,26 +1069,47 @@ class RoomInstance:
                 delivered += self.deliver(session, msgs)
         return delivered
 
-    def broadcast(self, message: ipb.StoredMessage) -> int:
-        """One frame, encoded once, written to every open session bound to the app."""
-        body = cpb.Push(messages=[cpb.Message(msg_id=message.msg_id, app=message.app, payload=message.payload,
-                                              created_ms=message.created_ms, broadcast=True)]).SerializeToString()
-        frame = encode(Op.PUSH, body)
-        app = message.app
-        n = 0
-        for conn in list(self.connections):
-            session = conn.session
-            if session.state == OPEN and session.conn is conn and app in session.apps:
-                if conn.paused:
-                    m.closed[ErrorCode.SLOW_CONSUMER].inc()
-                    self.detach(session, abort=True)
-                    continue
-                conn.transport.write(frame)
-                n += 1
-        if n:
-            m.frames_out[Op.PUSH].inc(n)
-            m.broadcast_out.inc(n)
-        return n
+    def write_broadcast(self, session: Session, frame: bytes, held: list[Held]) -> int:
+        """One session's part of a fan-out pass (services/room/fanout.py): the pass's PUSH
+        frame, encoded once, and the shared copies kept until acked. 1 if written."""
+        state = session.state
+        if state == DETACHED:
+            self._hold(session, held)  # kept for its resume, within the hold bounds
+            return 0
+        if state != OPEN:
+            return 0
+        if session.conn.paused:
+            m.closed[ErrorCode.SLOW_CONSUMER].inc()
+            self.detach(session, abort=True)
+            if session.state == DETACHED:
+                self._hold(session, held)
+            return 0
+        unacked = session.unacked
+        if unacked is None:
+            unacked = session.unacked = {}
+        fresh = held
+        for h in held:
+            if h.msg_id in unacked:  # it has some already (an inbox load, a repeat): the rest only
+                fresh = [h for h in held if h.msg_id not in unacked]
+                break
+        if not fresh or len(unacked) + len(fresh) > self.cfg.max_unacked_per_session:
+            # nothing new, or too much unacked: what it lacks comes from the next inbox load
+            if not unacked:
+                session.unacked = None
+            return 0
+        if fresh is held:
+            session.conn.transport.write(frame)
+        else:
+            self._write_messages(session, fresh)
+        budget = self.cfg.resume_hold_bytes
+        for h in fresh:
+            size = len(h.payload)
+            if session.held_bytes + size <= budget:
+                session.held_bytes += size
+                unacked[h.msg_id] = h
+            else:  # over its bound: only the id (a resume reads the inbox for the body)
+                unacked[h.msg_id] = Held(h.msg_id, h.app, None, h.created_ms, 0, True)
+        return 1
 
     def kick(self, uids: Iterable[str], session_ids: Iterable[str], reason: str, app: str = "") -> int:
         wanted = set(session_ids)
@@ -1086,8 +1147,9 @@ class RoomInstance:
         uid = session.uid
         for msg_id in ids:
             h = unacked.pop(msg_id, None)
-            if h is not None:  # broadcasts and unknown ids need no storage ack
-                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id))
+            if h is not None:  # unknown ids need no storage ack
+                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id,
+                                                               broadcast=h.broadcast))
                 if h.payload is not None:
                     session.held_bytes -= len(h.payload)
                 n += 1
@@ -1118,7 +1180,7 @@ class RoomInstance:
         if session.state != OPEN:
             return
         bound = tuple(a for a in bound if a not in session.apps)
-        session.apps = self._canonical_apps(session.apps + bound)
+        self._set_apps(session, self._canonical_apps(session.apps + bound))
         self._rebound(session, seq)
         if bound:
             self._status(session, bound, online=True)
@@ -1127,7 +1189,7 @@ class RoomInstance:
     def _on_unbind(self, session: Session, frame: Frame) -> None:
         drop = set(cpb.Bind.FromString(frame.body).apps)
         dropped = tuple(a for a in session.apps if a in drop)
-        session.apps = self._canonical_apps(tuple(a for a in session.apps if a not in drop))
+        self._set_apps(session, self._canonical_apps(tuple(a for a in session.apps if a not in drop)))
         self._drop_messages(session, drop)
         self._rebound(session, frame.seq)
         self._status(session, dropped, online=False)

@@ -22,9 +22,12 @@ class RoomServicer(igrpc.RoomServicer):
         return ipb.PushReply(delivered=self.room.push(request.messages))
 
     async def Broadcast(self, request: ipb.BroadcastRequest, context) -> ipb.PushReply:
-        if not request.message.app:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broadcast message has no app")
-        return ipb.PushReply(delivered=self.room.broadcast(request.message))
+        msg = request.message
+        if not msg.app or not msg.msg_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broadcast message needs an app and a msg_id")
+        if len(msg.payload) > self.room.max_frame:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "broadcast payload is over the client frame limit")
+        return ipb.PushReply(delivered=await self.room.fanout.broadcast(msg, request.max_per_s))
 
     async def Kick(self, request: ipb.KickRequest, context) -> ipb.KickReply:
         if len(request.uids) + len(request.session_ids) > MAX_KICK_ITEMS:

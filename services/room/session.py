@@ -75,16 +75,19 @@ class Held:
     """A message a session keeps until it is acked: its own copy of the fields a PUSH needs. A
     protobuf sub-message would keep the whole RPC message it came in (up to a thousand others)
     alive for as long as the session holds it. ``payload`` None: over the session's byte bound,
-    only the id is kept (a resume reads the inbox for it)."""
+    only the id is kept (a resume reads the inbox for it). A broadcast's copy (``broadcast``,
+    msg_id = the broadcast id) is one object shared by every session the fan-out wrote it to."""
 
-    __slots__ = ("msg_id", "app", "payload", "created_ms", "seq")
+    __slots__ = ("msg_id", "app", "payload", "created_ms", "seq", "broadcast")
 
-    def __init__(self, msg_id: int, app: str, payload: bytes | None, created_ms: int, seq: int) -> None:
+    def __init__(self, msg_id: int, app: str, payload: bytes | None, created_ms: int, seq: int,
+                 broadcast: bool = False) -> None:
         self.msg_id = msg_id
         self.app = app
         self.payload = payload
         self.created_ms = created_ms
         self.seq = seq
+        self.broadcast = broadcast
 
 
 class Session:

@@ -93,5 +93,10 @@ class SaverServicer(internal_pb2_grpc.SaverServicer):
         n = await self._run("MarkDelivered", len(request.refs), context, self.store.mark_delivered(request.refs, rebuild_wait_s(context)))
         return internal_pb2.Count(n=n)
 
+    async def StoreBroadcast(self, request, context):
+        n = await self._run("StoreBroadcast", len(request.messages), context,
+                            self.store.store_broadcast(request.messages, rebuild_wait_s(context)))
+        return internal_pb2.Count(n=n)
+
     async def GetMessage(self, request, context):
         return await self._run("GetMessage", 1, context, self.store.get(request.msg_id))

@@ -187,6 +187,16 @@ class MessageJournal:
         log.error("MySQL statement failed: %r", exc)
         return exc
 
+    @property
+    def pool(self):
+        return self._pool
+
+    def failed(self, exc: BaseException) -> BaseException:
+        return self._failed(exc)
+
+    async def execute(self, op: str, sql: str | Callable[[Any], str], args: Sequence | None, rows: int) -> int:
+        return await self._execute(op, sql, args, rows)
+
     async def _execute(self, op: str, sql: str | Callable[[Any], str], args: Sequence | None, rows: int) -> int:
         """Run one statement; ``sql`` may be built from the connection (for its escaping)."""
         started = time.perf_counter()
@@ -282,6 +292,16 @@ class MessageJournal:
             if got != 1:
                 return 0
             try:
+                # broadcasts: a user's acked set goes when its last broadcast expired, the
+                # broadcast itself after the retention (GET of its state reads it meanwhile)
+                for sql, before in (("DELETE FROM broadcast_acks WHERE expires_ms < %s LIMIT %s", now_ms),
+                                    ("DELETE FROM broadcasts WHERE expires_ms < %s LIMIT %s", cutoff)):
+                    while True:
+                        n = await cur.execute(sql, (before, batch))
+                        total += n
+                        if n < batch:
+                            break
+                        await asyncio.sleep(0.05)
                 while True:
                     started = time.perf_counter()
                     n = await cur.execute("DELETE FROM messages WHERE expires_ms < %s LIMIT %s", (cutoff, batch))

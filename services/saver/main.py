@@ -29,6 +29,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
     from services.saver import metrics as saver_metrics
+    from services.saver.broadcasts import BroadcastStore
     from services.saver.epoch import EpochGuard
     from services.saver.grpc_adapter import SaverServicer
     from services.saver.inbox import InboxStore
@@ -59,12 +60,13 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     seq_ttl_s = cfg.max_ttl_s + cfg.ack_retention_s
     inbox = InboxStore(redis, ack_retention_s=cfg.ack_retention_s, max_attempts=cfg.max_attempts, seq_ttl_s=seq_ttl_s)
     journal = MessageJournal(pool, cfg)
+    broadcasts = BroadcastStore(redis, journal, cfg)
     rebuild = RedisRebuild(redis, journal, chunk_rows=cfg.rebuild_chunk_rows, ack_retention_s=cfg.ack_retention_s,
                            seq_ttl_s=seq_ttl_s, lock_ttl_s=cfg.rebuild_lock_ttl_s,
-                           on_chunk=saver_metrics.REBUILD_ROWS.inc)
+                           on_chunk=saver_metrics.REBUILD_ROWS.inc, broadcasts=broadcasts)
     guard = EpochGuard(redis, rebuild, check_interval_s=cfg.epoch_check_interval_s, lock_ttl_s=cfg.rebuild_lock_ttl_s,
                        tail_check_rows=cfg.tail_check_rows)
-    store = MessageStore(inbox, journal, guard, cfg)
+    store = MessageStore(inbox, journal, guard, cfg, broadcasts=broadcasts)
     journal.start()
     # Redis without an epoch is rebuilt from MySQL before anything is served: RPCs that arrive
     # meanwhile wait for it (or hear UNAVAILABLE), and discovery learns of this saver after it.

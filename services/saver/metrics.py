@@ -44,3 +44,7 @@ REBUILDING = Gauge(
     "pylon_saver_rebuilding", "1 while Redis has no epoch and this saver rebuilds it or waits for the saver that does")
 EPOCH_REFUSALS = Counter(
     "pylon_saver_epoch_refusals_total", "Operations Redis refused for want of an epoch (its data lost or rebuilt meanwhile)")
+BROADCASTS_STORED = Counter("pylon_saver_broadcasts_stored_total", "Broadcasts stored (one per broadcast, not per user)")
+BROADCASTS_LOADED = Counter(
+    "pylon_saver_broadcasts_loaded_total", "Live broadcasts handed to logins and BINDs that had not acked them")
+BROADCASTS_ACKED = Counter("pylon_saver_broadcast_acks_total", "Broadcast copies acked by clients")

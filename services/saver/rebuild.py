@@ -111,8 +111,9 @@ class RebuildStats:
 class RedisRebuild:
     def __init__(self, redis, journal, *, chunk_rows: int, ack_retention_s: int, seq_ttl_s: int,
                  lock_ttl_s: float, clock_ms: Callable[[], int] | None = None,
-                 on_chunk: Callable[[int], None] | None = None) -> None:
+                 on_chunk: Callable[[int], None] | None = None, broadcasts=None) -> None:
         self._redis = redis
+        self._broadcasts = broadcasts  # BroadcastStore: live broadcasts and acked sets come back too
         self._journal = journal
         self.chunk_rows = chunk_rows
         self.ack_retention_s = ack_retention_s
@@ -141,6 +142,8 @@ class RedisRebuild:
             after = rows[-1][0]
             if len(rows) < self.chunk_rows:
                 break
+        if self._broadcasts is not None:
+            await self._broadcasts.rebuild(self._now_ms(), self.chunk_rows)
         stats.seconds = time.perf_counter() - started
         return stats
 

@@ -31,9 +31,10 @@ from services.common.batching import Batcher
 from services.common.pb import internal_pb2
 from services.saver import keys, validation
 from services.saver import metrics as m
+from services.saver.broadcasts import BroadcastStore, check_broadcast_ref
 from services.saver.config import SaverConfig
 from services.saver.epoch import EpochGuard
-from services.saver.errors import BackendUnavailable, EpochMissing
+from services.saver.errors import BackendUnavailable, EpochMissing, RequestError
 from services.saver.inbox import InboxStore
 from services.saver.journal import MessageJournal
 
@@ -53,8 +54,9 @@ def _now_ms() -> int:
 
 class MessageStore:
     def __init__(self, inbox: InboxStore, journal: MessageJournal, guard: EpochGuard, cfg: SaverConfig,
-                 clock_ms: Callable[[], int] = _now_ms) -> None:
+                 clock_ms: Callable[[], int] = _now_ms, broadcasts: BroadcastStore | None = None) -> None:
         self.inbox = inbox
+        self.broadcasts = broadcasts
         self.journal = journal
         self.guard = guard
         self.cfg = cfg
@@ -133,15 +135,25 @@ class MessageStore:
         per_key, limit = validation.load_keys(raw_keys, limit, self.cfg)
         flat = [pair for pairs in per_key for pair in pairs]
         deadline = self._deadline(wait_s)
+        broadcasts = None
         for _ in range(EPOCH_TRIES):
             await self._until_whole(deadline)
+            now = self._now_ms()
             try:
-                loaded, pruned = await self.inbox.load(flat, limit, self._now_ms(), self.cfg.load_max_bytes)
+                if self.broadcasts is None:
+                    loaded, pruned = await self.inbox.load(flat, limit, now, self.cfg.load_max_bytes)
+                else:  # the inbox and the app's live broadcasts, read side by side
+                    (loaded, pruned), broadcasts = await asyncio.gather(
+                        self.inbox.load(flat, limit, now, self.cfg.load_max_bytes),
+                        self.broadcasts.unacked(flat, now, limit))
                 break
             except EpochMissing:
                 self.guard.lost()
         else:
             raise BackendUnavailable("Redis", "lost its data again while inboxes were loaded; retry")
+        if broadcasts is not None:
+            for mine, more in zip(loaded, broadcasts, strict=True):
+                mine += more
         m.PRUNED.inc(pruned)
         out, pos = [], 0
         for key, pairs in zip(raw_keys, per_key, strict=True):
@@ -156,10 +168,39 @@ class MessageStore:
         can bring the message back, whatever Redis knew of it. Never waits for a rebuild (see
         lua._ACK for how an ack and a concurrent rebuild meet). Concurrent Ack RPCs share the
         UPDATE and the Redis pipeline."""
+        bc = [r for r in raw_refs if r.broadcast]
+        if bc:
+            return await self._ack_broadcasts(raw_refs, bc)
         refs = validation.refs("Ack", raw_refs, self.cfg)
         if not refs:
             return 0
         return (await self._acks.submit_many([refs]))[0]
+
+    async def _ack_broadcasts(self, raw_refs, bc) -> int:
+        """An Ack carrying broadcast refs: those go to the per-(uid, app) acked sets, the rest as usual."""
+        if self.broadcasts is None:
+            raise RequestError("Ack: this saver does not keep broadcasts")
+        validation.check_count("Ack", len(raw_refs), self.cfg.max_items)
+        for i, r in enumerate(bc):
+            try:
+                check_broadcast_ref(r)
+            except RequestError as exc:
+                raise RequestError(f"Ack: broadcast refs[{i}]: {exc}") from None
+        rest = [r for r in raw_refs if not r.broadcast]
+        n = 0
+        if rest:
+            refs = validation.refs("Ack", rest, self.cfg)
+            n = (await self._acks.submit_many([refs]))[0]
+        await self.broadcasts.ack(bc, self._now_ms())
+        return n + len(bc)
+
+    async def store_broadcast(self, messages: Sequence[internal_pb2.StoredMessage],
+                              wait_s: float | None = None) -> int:
+        if self.broadcasts is None:
+            raise RequestError("StoreBroadcast: this saver does not keep broadcasts")
+        self.broadcasts.validate(messages, self._now_ms())
+        await self._until_whole(self._deadline(wait_s))
+        return await self.broadcasts.store(messages, self._now_ms())
 
     async def _ack_flush(self, calls: list[list]) -> list:
         try:

@@ -1,0 +1,321 @@
+"""BroadcastStore: the saver's stored broadcasts (DESIGN.md §3, §4).
+
+A broadcast is one record, never a copy per user: a MySQL row (``broadcasts``) and, until it
+expires, a Redis body and an entry in its app's live set. What a user acked is one small record
+per (uid, app): the ids of the live broadcasts it acked, each with its expiry so it prunes
+itself. A login or BIND (LoadInbox) gets, beside the inbox, every live broadcast of the app that
+(uid, app) has not acked; an ack is remembered there, so an acked broadcast never comes again.
+
+Redis keys:
+    pylon:bc:m:{id}           HASH app, payload, created_ms, expires_ms (expires with the broadcast)
+    pylon:bc:live:{app}       ZSET broadcast id -> expires_ms (lives as long as its last member)
+    pylon:bca:{uid}:{app}     HASH broadcast id -> its expires_ms, and "v" (write version)
+
+MySQL: ``broadcasts`` (one row per broadcast) and ``broadcast_acks`` (one row per (app, uid):
+the acked ids packed, with the version Redis gave that state). An ack is applied in Redis
+first, then written to MySQL within the same flush; a rebuild after Redis lost its data brings
+both back. The window in between (a crash of Redis and its append-only file in the second after
+an ack) can hand that broadcast once more to the user: the SDK drops it by msg_id.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Sequence
+
+from services.common.apps import valid_app_id
+from services.common.pb import internal_pb2
+from services.common.redis_scripts import Script, run_pipeline
+from services.common.requests import RequestError, check_count, check_uid
+from services.saver import metrics as m
+from services.saver.config import SaverConfig
+from services.saver.keys import remaining_ttl_s
+
+_PAIR = struct.Struct(">QQ")
+# bodies of live broadcasts a saver keeps in memory (they never change; a miss reads Redis)
+BODY_CACHE = 4096
+
+
+def body_key(bid: int) -> str:
+    return f"pylon:bc:m:{bid}"
+
+
+def live_key(app: str) -> str:
+    return f"pylon:bc:live:{app}"
+
+
+def acked_key(uid: str, app: str) -> str:
+    # app ids never contain ':' (apps.valid_app_id), so (uid, app) -> key is one-to-one
+    return f"pylon:bca:{uid}:{app}"
+
+
+def pack_acked(pairs: Sequence[tuple[int, int]]) -> bytes:
+    return b"".join(_PAIR.pack(bid, exp) for bid, exp in pairs)
+
+
+def unpack_acked(blob: bytes) -> list[tuple[int, int]]:
+    return [_PAIR.unpack_from(blob, i) for i in range(0, len(blob) - len(blob) % 16, 16)]
+
+
+# KEYS[1] = pylon:bca:{uid}:{app}, KEYS[2] = pylon:bc:live:{app}; ARGV = now_ms, broadcast ids.
+# Remembers the acked ids that are live broadcasts of the app; prunes what expired. Returns nil
+# when nothing changed, else {version, latest expiry, id, expiry, id, expiry, ...} (the whole
+# live acked set, for MySQL). The version only grows, also across an expired and recreated key.
+_ACK = """
+local now = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV do
+  local s = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if s and tonumber(s) > now then
+    added = added + redis.call('HSETNX', KEYS[1], ARGV[i], s)
+  end
+end
+if added == 0 then return false end
+local all = redis.call('HGETALL', KEYS[1])
+local out = {0, 0}
+local latest = 0
+local ver = 0
+for i = 1, #all, 2 do
+  local f = all[i]
+  local v = tonumber(all[i + 1])
+  if f == 'v' then ver = v
+  elseif v <= now then redis.call('HDEL', KEYS[1], f)
+  else
+    if v > latest then latest = v end
+    out[#out + 1] = f
+    out[#out + 1] = all[i + 1]
+  end
+end
+ver = math.max(ver + 1, now)
+redis.call('HSET', KEYS[1], 'v', ver)
+redis.call('PEXPIREAT', KEYS[1], latest)
+out[1] = ver
+out[2] = latest
+return out
+"""
+ACK = Script(_ACK)
+
+
+class BroadcastStore:
+    def __init__(self, redis, journal, cfg: SaverConfig) -> None:
+        self._redis = redis
+        self._journal = journal  # its pool, statement runner and outage log
+        self.cfg = cfg
+        # broadcast id -> (app, payload, created_ms, expires_ms)
+        self._bodies: dict[int, tuple[str, bytes, int, int]] = {}
+
+    # ------------------------------------------------------------------ store
+    def validate(self, messages: Sequence, now_ms: int) -> list[tuple[int, str, bytes, int, int]]:
+        """(id, app, payload, created_ms, expires_ms) per broadcast; RequestError names the bad one."""
+        check_count("StoreBroadcast", len(messages), self.cfg.max_items)
+        rows = []
+        seen = set()
+        for i, msg in enumerate(messages):
+            where = f"StoreBroadcast: messages[{i}]"
+            if not msg.broadcast:
+                raise RequestError(f"{where}: broadcast must be true")
+            if msg.uid:
+                raise RequestError(f"{where}: a broadcast has no uid")
+            if msg.msg_id <= 0 or msg.msg_id in seen:
+                raise RequestError(f"{where}: msg_id must be > 0 and unique")
+            seen.add(msg.msg_id)
+            if not valid_app_id(msg.app):
+                raise RequestError(f"{where}: app {msg.app[:64]!r} is not a valid app id")
+            if len(msg.payload) > self.cfg.max_payload_bytes:
+                raise RequestError(f"{where}: payload of {len(msg.payload)} bytes is over the limit of "
+                                   f"{self.cfg.max_payload_bytes}")
+            ttl = msg.ttl_s if msg.ttl_s > 0 else self.cfg.default_ttl_s
+            ttl = min(ttl, self.cfg.max_ttl_s)
+            created = msg.created_ms or now_ms
+            rows.append((msg.msg_id, msg.app, msg.payload, created, created + ttl * 1000))
+        return rows
+
+    async def store(self, messages: Sequence, now_ms: int) -> int:
+        """MySQL (committed) first, then Redis: a broadcast a client may see is one a rebuild restores."""
+        rows = self.validate(messages, now_ms)
+        if not rows:
+            return 0
+
+        def sql(conn) -> str:
+            values = ",".join(f"({int(bid)},'{conn.escape_string(app)}',X'{payload.hex()}',{int(c)},{int(e)})"
+                              for bid, app, payload, c, e in rows)
+            return ("INSERT INTO broadcasts (id, app, payload, created_ms, expires_ms) VALUES " + values
+                    + " ON DUPLICATE KEY UPDATE id=id")
+
+        await self._run_sql("broadcast_insert", sql, None, len(rows))
+        await self.restore(rows, now_ms)
+        m.BROADCASTS_STORED.inc(len(rows))
+        return len(rows)
+
+    async def restore(self, rows: Sequence[tuple[int, str, bytes, int, int]], now_ms: int) -> None:
+        """Put broadcasts in Redis (also what a rebuild does); idempotent."""
+        live = [r for r in rows if r[4] > now_ms]
+        if not live:
+            return
+
+        def build(pipe) -> None:
+            for bid, app, payload, created, expires in live:
+                key = body_key(bid)
+                pipe.execute_command("HSET", key, "app", app, "payload", payload, "created_ms", created,
+                                     "expires_ms", expires)
+                pipe.execute_command("PEXPIREAT", key, expires)
+                lkey = live_key(app)
+                pipe.execute_command("ZADD", lkey, expires, bid)
+                pipe.execute_command("ZREMRANGEBYSCORE", lkey, "-inf", now_ms)
+                pipe.execute_command("PEXPIREAT", lkey, expires, "NX")
+                pipe.execute_command("PEXPIREAT", lkey, expires, "GT")
+
+        await run_pipeline(self._redis, build)
+
+    # ------------------------------------------------------------------ load
+    async def unacked(self, inboxes: Sequence[tuple[str, str]], now_ms: int,
+                      limit: int) -> list[list[internal_pb2.StoredMessage]]:
+        """Per (uid, app): the app's live broadcasts that (uid, app) has not acked, oldest first."""
+        result: list[list[internal_pb2.StoredMessage]] = [[] for _ in inboxes]
+        apps = list(dict.fromkeys(app for _, app in inboxes))
+        if not apps:
+            return result
+
+        def build_live(pipe) -> None:
+            for app in apps:
+                pipe.execute_command("ZRANGEBYSCORE", live_key(app), f"({now_ms}", "+inf")
+
+        replies = await run_pipeline(self._redis, build_live)
+        live = {app: [int(b) for b in ids] for app, ids in zip(apps, replies, strict=True) if ids}
+        if not live:
+            return result
+        wanted = [i for i, (_, app) in enumerate(inboxes) if app in live]
+        missing = list(dict.fromkeys(b for ids in live.values() for b in ids if b not in self._bodies))
+
+        def build_acked(pipe) -> None:
+            for i in wanted:
+                pipe.execute_command("HKEYS", acked_key(*inboxes[i]))
+            for bid in missing:
+                pipe.hmget(body_key(bid), ("app", "payload", "created_ms", "expires_ms"))
+
+        replies = await run_pipeline(self._redis, build_acked)
+        for bid, (app, payload, created, expires) in zip(missing, replies[len(wanted):], strict=True):
+            if app is None:
+                continue  # expired between the two reads
+            if len(self._bodies) >= BODY_CACHE:
+                self._prune_cache(now_ms)
+            self._bodies[bid] = (app.decode(), payload or b"", int(created), int(expires))
+        n = 0
+        for i, acked in zip(wanted, replies[:len(wanted)], strict=True):
+            done = {int(f) for f in acked if f != b"v"} if acked else ()
+            out = result[i]
+            for bid in live[inboxes[i][1]]:
+                if bid in done:
+                    continue
+                body = self._bodies.get(bid)
+                if body is None or body[3] <= now_ms:
+                    continue
+                out.append(internal_pb2.StoredMessage(
+                    msg_id=bid, app=body[0], payload=body[1], created_ms=body[2],
+                    ttl_s=remaining_ttl_s(body[3], now_ms), broadcast=True))
+                if len(out) >= limit:
+                    break
+            n += len(out)
+        m.BROADCASTS_LOADED.inc(n)
+        return result
+
+    def _prune_cache(self, now_ms: int) -> None:
+        for bid in [b for b, body in self._bodies.items() if body[3] <= now_ms]:
+            del self._bodies[bid]
+        while len(self._bodies) >= BODY_CACHE:
+            del self._bodies[next(iter(self._bodies))]
+
+    # ------------------------------------------------------------------ ack
+    async def ack(self, refs: Sequence, now_ms: int) -> int:
+        """Remember acked broadcasts per (uid, app): one script per user in Redis, then one row per
+        user in one MySQL statement. Returns the acks that were new."""
+        per_user: dict[tuple[str, str], list[int]] = {}
+        for r in refs:
+            per_user.setdefault((r.uid, r.app), []).append(r.msg_id)
+        users = list(per_user)
+
+        def build(pipe) -> None:
+            for uid, app in users:
+                ACK.queue(pipe, [acked_key(uid, app), live_key(app)], [now_ms, *per_user[(uid, app)]])
+
+        replies = await run_pipeline(self._redis, build, (ACK,))
+        rows = []
+        for (uid, app), reply in zip(users, replies, strict=True):
+            if not reply:
+                continue
+            ver, latest, *flat = reply
+            pairs = [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+            rows.append((app, uid, pack_acked(pairs), int(ver), int(latest)))
+        if rows:
+            def sql(conn) -> str:
+                values = ",".join(f"(X'{app.encode().hex()}',X'{uid.encode().hex()}',X'{blob.hex()}',{v},{e})"
+                                  for app, uid, blob, v, e in rows)
+                # assignments run left to right: ver last, so the IFs compare with the old one
+                return ("INSERT INTO broadcast_acks (app, uid, acked, ver, expires_ms) VALUES " + values
+                        + " ON DUPLICATE KEY UPDATE acked=IF(VALUES(ver)>ver, VALUES(acked), acked),"
+                          " expires_ms=IF(VALUES(ver)>ver, VALUES(expires_ms), expires_ms),"
+                          " ver=GREATEST(ver, VALUES(ver))")
+
+            await self._run_sql("broadcast_ack", sql, None, len(rows))
+        m.BROADCASTS_ACKED.inc(len(refs))
+        return len(rows)
+
+    # ------------------------------------------------------------------ rebuild
+    async def rebuild(self, now_ms: int, page: int = 1000) -> tuple[int, int]:
+        """After Redis lost its data: live broadcasts and users' acked sets back from MySQL.
+        Returns (broadcasts, acked sets) restored."""
+        rows = await self._select("SELECT id, app, payload, created_ms, expires_ms FROM broadcasts "
+                                  "WHERE expires_ms > %s", (now_ms,))
+        await self.restore([(int(b), a, p, int(c), int(e)) for b, a, p, c, e in rows], now_ms)
+        restored = 0
+        after = (b"", b"")
+        while True:
+            acks = await self._select(
+                "SELECT app, uid, acked, ver, expires_ms FROM broadcast_acks WHERE expires_ms > %s "
+                "AND (app, uid) > (%s, %s) ORDER BY app, uid LIMIT %s", (now_ms, after[0], after[1], page))
+            if not acks:
+                break
+
+            def build(pipe, acks=acks) -> None:
+                for app, uid, blob, ver, expires in acks:
+                    key = acked_key(uid.decode(), app.decode())
+                    pairs = [(b, e) for b, e in unpack_acked(blob) if e > now_ms]
+                    if not pairs:
+                        continue
+                    fields = [v for b, e in pairs for v in (b, e)]
+                    pipe.execute_command("HSET", key, *fields, "v", int(ver))
+                    pipe.execute_command("PEXPIREAT", key, int(expires))
+
+            await run_pipeline(self._redis, build)
+            restored += len(acks)
+            after = (acks[-1][0], acks[-1][1])
+            if len(acks) < page:
+                break
+        return len(rows), restored
+
+    # ------------------------------------------------------------------ MySQL
+    async def _run_sql(self, op: str, sql, args, rows: int) -> int:
+        try:
+            return await self._journal.execute(op, sql, args, rows)
+        except Exception as exc:
+            raise self._journal.failed(exc) from None
+
+    async def _select(self, sql: str, args) -> list[tuple]:
+        started = time.perf_counter()
+        try:
+            async with self._journal.pool.acquire() as conn, conn.cursor() as cur:
+                await cur.execute(sql, args)
+                rows = await cur.fetchall()
+        except Exception as exc:
+            raise self._journal.failed(exc) from None
+        m.MYSQL_SECONDS.labels("broadcast_scan").observe(time.perf_counter() - started)
+        return list(rows)
+
+
+def check_broadcast_ref(r) -> None:
+    check_uid(r.uid)
+    if not valid_app_id(r.app):
+        raise RequestError(f"app {r.app[:64]!r} is not a valid app id")
+    if r.msg_id <= 0:
+        raise RequestError("msg_id must be > 0")
