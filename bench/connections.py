@@ -307,6 +307,7 @@ class Worker:
                 del pending[fd]
                 socks[fd] = sock
                 self.held += 1
+                self._authenticated(fd, st[1], data)
             elif len(data) >= 12 and data[5] == 13:  # ERROR, maybe with a retry-after
                 self._end(fd, sock, st[1], self._error(data[12:int.from_bytes(data[:4], "big")]))
             else:  # closed, or something other than an answer to AUTH
@@ -344,6 +345,10 @@ class Worker:
             key = "undecodable"
         self.error_kinds[key] = self.error_kinds.get(key, 0) + 1
         return retry_ms
+
+    def _authenticated(self, fd: int, i: int, data: bytes) -> None:
+        """Hook: uid ``i`` holds ``fd`` now; ``data`` is the read that brought its AUTH_OK (frames
+        after it, such as the login's inbox load, are in the same read when the room was quick)."""
 
     def _held_event(self, fd: int) -> None:
         sock = self.socks.get(fd)

@@ -78,7 +78,7 @@ class AckingWorker(conn_bench.Worker):
         self.leftover: dict[int, bytes] = {}
         self.latency: dict[str, list[float]] = {}  # phase -> API → client seconds
         self.received: dict[str, int] = {}
-        self.duplicates = self.acks_sent = self.other_frames = 0
+        self.duplicates = self.acks_sent = self.other_frames = self.push_frames = 0
         self.seen: set[int] = set()
 
     def _held_event(self, fd: int) -> None:
@@ -98,6 +98,16 @@ class AckingWorker(conn_bench.Worker):
             self.held -= 1
             self.lost += 1
             return
+        self._feed(fd, sock, data)
+
+    def _authenticated(self, fd: int, i: int, data: bytes) -> None:
+        rest = data[int.from_bytes(data[:4], "big"):]  # frames that came in the AUTH_OK's read
+        if rest:
+            self._feed(fd, self.socks[fd], rest)
+
+    def _feed(self, fd: int, sock, data: bytes) -> None:
+        """Frames of ``data`` (after what an earlier read left of a partial frame): each PUSH's
+        messages go to _message, and one ACK frame answers them."""
         now = time.monotonic()
         left = self.leftover.pop(fd, None)
         if left:
@@ -113,17 +123,10 @@ class AckingWorker(conn_bench.Worker):
                 break
             op = data[pos + 5]
             if op == 5:  # PUSH
+                self.push_frames += 1
                 for msg in self.Push.FromString(data[pos + 12:pos + length]).messages:
                     ack_ids.append(msg.msg_id)
-                    if msg.msg_id in self.seen:
-                        self.duplicates += 1
-                        continue
-                    self.seen.add(msg.msg_id)
-                    head = msg.payload[:40].split(b":", 2)
-                    if len(head) == 3:
-                        phase = head[0].decode()
-                        self.received[phase] = self.received.get(phase, 0) + 1
-                        self.latency.setdefault(phase, []).append(now - float(head[1]))
+                    self._message(fd, msg, now)
             elif op == 4:
                 self.pongs += 1
             else:
@@ -137,6 +140,17 @@ class AckingWorker(conn_bench.Worker):
                 self.acks_sent += len(ack_ids)
             except OSError:
                 pass
+
+    def _message(self, fd: int, msg, now: float) -> None:
+        if msg.msg_id in self.seen:
+            self.duplicates += 1
+            return
+        self.seen.add(msg.msg_id)
+        head = msg.payload[:40].split(b":", 2)
+        if len(head) == 3:
+            phase = head[0].decode()
+            self.received[phase] = self.received.get(phase, 0) + 1
+            self.latency.setdefault(phase, []).append(now - float(head[1]))
 
     async def run(self) -> None:
         await super().run()
@@ -428,7 +442,7 @@ async def wait_workers(events: asyncio.Queue, n: int, kind: str, timeout: float,
         ev = msg.get("event")
         if ev == "eof" and i not in got:
             raise RuntimeError(f"worker {i} exited before its {kind!r}")
-        if ev in ("connected", "done", "unicast"):
+        if ev in ("connected", "done", "unicast") or ev == kind:
             sink.setdefault(ev, {})[i] = msg
         if ev == kind:
             got.add(i)
