@@ -26,6 +26,8 @@ REDIS_DBS = {
     "room_resume": 10,
     "room_recovery": 11,
     "center_processes": 12,
+    "api_fuzz": 13,
+    "secret_rotation": 14,
 }
 
 

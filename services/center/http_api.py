@@ -22,6 +22,7 @@ from services.center.telemetry import Tally
 from services.center.users import UserService
 from services.center.validation import Limits
 from services.common import tokens
+from services.common.http_guard import body_limit
 
 
 @dataclass
@@ -191,6 +192,7 @@ class CenterApi:
 
 
 def make_app(parts: CenterParts, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
-    app = web.Application(middlewares=[make_middleware(parts.tally)], client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[make_middleware(parts.tally), body_limit(max_body_bytes)],
+                          client_max_size=max_body_bytes)
     app.add_routes(CenterApi(parts).routes())
     return app

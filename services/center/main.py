@@ -31,6 +31,7 @@ from services.center.validation import Limits
 from services.common import ids, metrics, mysql, runtime
 from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
+from services.common.http_guard import GuardedAppRunner
 from services.common.pb import internal_pb2_grpc as rpc_pb
 from services.common.rpc import ChannelPool, ServiceClient
 
@@ -130,7 +131,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     if not cfg.admin_key:
         log.warning("no admin key configured: admin routes (/v1/apps) are disabled")
 
-    runner = web.AppRunner(make_app(parts, cfg.max_body_bytes), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
+    runner = GuardedAppRunner(make_app(parts, cfg.max_body_bytes), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
     # with several processes each binds its own socket to the port and the kernel spreads connections
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True, reuse_port=role is not None)

@@ -1,10 +1,11 @@
-"""The dispatcher's HTTP adapter: GET /v1/route, /healthz, /metrics; JSON errors."""
+"""The dispatcher's HTTP adapter: GET /v1/route, POST /v1/routes, /healthz, /metrics, /openapi.json; JSON errors."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
+import pathlib
 import time
 
 import redis.exceptions
@@ -12,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from services.common.discovery import Discovery
+from services.common.http_guard import body_limit
 from services.dispatcher import routing
 from services.dispatcher.config import DispatcherConfig
 
@@ -24,8 +26,11 @@ ROUTE_SECONDS = Histogram("pylon_dispatcher_route_seconds", "Time to answer /v1/
 FALLBACKS = Counter("pylon_dispatcher_fallbacks_total", "Answers that skipped a filter to have any room",
                     ["kind"])  # region | all_excluded | no_rooms
 
+OPENAPI = (pathlib.Path(__file__).parent / "openapi.json").read_bytes()
 MAX_BATCH_UIDS = 1000
-_AIOHTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 414: "uri_too_long"}
+MAX_BODY_BYTES = 256 * 1024  # bodies only on POST /v1/routes: 1,000 uids of up to 128 characters
+_AIOHTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+                  414: "uri_too_long", 431: "headers_too_large"}
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
@@ -73,6 +78,7 @@ class DispatcherApi:
             web.post("/v1/routes", self.routes_batch),
             web.get("/healthz", self.healthz),
             web.get("/metrics", self.metrics),
+            web.get("/openapi.json", self.openapi),
         ]
 
     async def route(self, request: web.Request) -> web.Response:
@@ -120,9 +126,11 @@ class DispatcherApi:
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI, content_type="application/json")
+
 
 def make_app(discovery: Discovery, cfg: DispatcherConfig) -> web.Application:
-    # bodies only on POST /v1/routes: 1,000 uids of up to 128 characters
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=256 * 1024)
+    app = web.Application(middlewares=[errors_and_metrics, body_limit(MAX_BODY_BYTES)], client_max_size=MAX_BODY_BYTES)
     app.add_routes(DispatcherApi(discovery, cfg).routes())
     return app

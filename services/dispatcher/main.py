@@ -11,6 +11,7 @@ from redis.exceptions import RedisError
 from services.common import metrics, runtime
 from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
+from services.common.http_guard import GuardedAppRunner
 from services.dispatcher.config import DispatcherConfig
 from services.dispatcher.http_api import make_app
 
@@ -32,7 +33,7 @@ def main(args) -> int:
 async def serve(common: CommonConfig, cfg: DispatcherConfig, stop: asyncio.Event) -> None:
     rdb = runtime.redis_client(common.redis_url)
     discovery = Discovery(rdb, common.discovery_ttl_s, common.discovery_refresh_s)
-    runner = web.AppRunner(make_app(discovery, cfg), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
+    runner = GuardedAppRunner(make_app(discovery, cfg), access_log=None, shutdown_timeout=cfg.shutdown_grace_s)
     await runner.setup()
     site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
     try:
