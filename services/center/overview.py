@@ -33,8 +33,8 @@ CACHE_S = 1.0
 # a room instance that left discovery is listed as "gone" this long (then forgotten)
 GONE_KEPT_S = WINDOW_S
 MAX_LISTED_ROOMS = 500
-# per-app figures from the stores are dearer than a scrape: taken this often
-APP_STORE_EVERY_S = 15.0
+# parked per app is a scan of MySQL's message log: taken this often, not every sample
+PARKED_EVERY_S = 15.0
 # online-per-app is counted from the session store: up to this many users exactly, beyond it
 # estimated from that many (a sample of 2,000 puts a 10 % app within ~1.3 points, 95 % of the time)
 ONLINE_SAMPLE_USERS = 2000
@@ -165,6 +165,7 @@ class AppStoreFigures:
     online_error: str = ""
     parked: dict[str, int] = field(default_factory=dict)
     parked_error: str = ""
+    apps: list[str] = field(default_factory=list)
     t_ms: int = 0
 
 
@@ -203,6 +204,13 @@ async def online_per_app(redis, limit: int = ONLINE_SAMPLE_USERS) -> tuple[dict[
                 for app in set(s.apps):
                     counts[app] = counts.get(app, 0) + 1
     return counts, sessions, complete
+
+
+async def app_ids(pool) -> list[str]:
+    """Every app in the app table (the operator creates them: a short list)."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT id FROM apps ORDER BY id LIMIT 1000")
+        return [str(row[0]) for row in await cur.fetchall()]
 
 
 async def parked_per_app(pool) -> dict[str, int]:
@@ -254,14 +262,15 @@ class OverviewCollector:
         await self.scraper.close()
 
     async def _sample_loop(self) -> None:
-        last_store = -APP_STORE_EVERY_S
+        last_tables = -PARKED_EVERY_S
         while True:
             started = time.monotonic()
             try:
                 await self.sample()
-                if started - last_store >= APP_STORE_EVERY_S:
-                    last_store = started
-                    await self._read_app_store()
+                await self._read_online()
+                if started - last_tables >= PARKED_EVERY_S:
+                    last_tables = started
+                    await self._read_tables()
             except Exception:  # a bug here must not end the sampling; logged once per sample
                 log.exception("overview sample failed")
             await asyncio.sleep(max(0.1, self.sample_s - (time.monotonic() - started)))
@@ -286,21 +295,26 @@ class OverviewCollector:
         self.ring.append(sample)
         return sample
 
-    async def _read_app_store(self) -> None:
-        figures = AppStoreFigures(t_ms=int(self._clock() * 1000))
+    async def _read_online(self) -> None:
+        figures = self._app_store
         try:
             online, sessions_read, complete = await asyncio.wait_for(online_per_app(self._redis),
                                                                      STORE_CHECK_TIMEOUT_S * 5)
-            figures.online, figures.online_estimated = online, not complete
-            if not complete:
-                figures.online = self._scale_online(online, sessions_read)
         except (*BACKEND_ERRORS, TimeoutError) as exc:
             figures.online_error = describe(exc)
+            return
+        figures.online = online if complete else self._scale_online(online, sessions_read)
+        figures.online_estimated, figures.online_error = not complete, ""
+        figures.t_ms = int(self._clock() * 1000)
+
+    async def _read_tables(self) -> None:
+        figures = self._app_store
         try:
+            figures.apps = await asyncio.wait_for(app_ids(self._pool), STORE_CHECK_TIMEOUT_S)
             figures.parked = await asyncio.wait_for(parked_per_app(self._pool), PARKED_QUERY_MAX_S * 2)
+            figures.parked_error = ""
         except (*BACKEND_ERRORS, TimeoutError) as exc:
             figures.parked_error = describe(exc)
-        self._app_store = figures
 
     def _scale_online(self, sampled: dict[str, int], sessions_read: int) -> dict[str, int]:
         """Per-app session counts of a sample of users scaled to the cluster's session total."""
@@ -395,7 +409,7 @@ class OverviewCollector:
         store = self._app_store
         rates = sample.app_rates if sample is not None else {}
         queue = sample.app_queue if sample is not None else {}
-        names = set(store.online) | set(store.parked) | set(rates) | set(queue)
+        names = set(store.apps) | set(store.online) | set(store.parked) | set(rates) | set(queue)
         names.discard("")
         return [{"app": a, "online": store.online.get(a, 0), "messages_per_s": round(rates.get(a, {}).get("messages", 0.0), 2),
                  "broadcasts_per_s": round(rates.get(a, {}).get("broadcasts", 0.0), 3),
