@@ -1145,14 +1145,23 @@ class RoomInstance:
             return
         n = 0
         uid = session.uid
+        broadcasts: dict[str, list[int]] | None = None
         for msg_id in ids:
             h = unacked.pop(msg_id, None)
             if h is not None:  # unknown ids need no storage ack
-                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id,
-                                                               broadcast=h.broadcast))
+                if h.broadcast:  # one ref per app for all the broadcasts of this frame
+                    if broadcasts is None:
+                        broadcasts = {}
+                    broadcasts.setdefault(h.app, []).append(msg_id)
+                else:
+                    self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id))
                 if h.payload is not None:
                     session.held_bytes -= len(h.payload)
                 n += 1
+        if broadcasts:
+            for app, bids in broadcasts.items():
+                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=app, msg_id=bids[0], broadcast=True,
+                                                               more_broadcast_ids=bids[1:]))
         if n:
             m.ACKS.inc(n)
         if not unacked:

@@ -232,7 +232,9 @@ class BroadcastStore:
         user in one MySQL statement. Returns the acks that were new."""
         per_user: dict[tuple[str, str], list[int]] = {}
         for r in refs:
-            per_user.setdefault((r.uid, r.app), []).append(r.msg_id)
+            ids = per_user.setdefault((r.uid, r.app), [])
+            ids.append(r.msg_id)
+            ids += r.more_broadcast_ids
         users = list(per_user)
 
         def build(pipe) -> None:
@@ -258,7 +260,7 @@ class BroadcastStore:
                           " ver=GREATEST(ver, VALUES(ver))")
 
             await self._run_sql("broadcast_ack", sql, None, len(rows))
-        m.BROADCASTS_ACKED.inc(len(refs))
+        m.BROADCASTS_ACKED.inc(sum(len(ids) for ids in per_user.values()))
         return len(rows)
 
     # ------------------------------------------------------------------ rebuild
@@ -313,8 +315,14 @@ class BroadcastStore:
         return list(rows)
 
 
+# broadcast ids one ref may carry (a client ACK frame holds at most 4,096 ids)
+MAX_IDS_PER_REF = 4096
+
+
 def check_broadcast_ref(r) -> None:
     check_uid(r.uid)
+    if len(r.more_broadcast_ids) >= MAX_IDS_PER_REF:
+        raise RequestError(f"at most {MAX_IDS_PER_REF} broadcast ids per ref")
     if not valid_app_id(r.app):
         raise RequestError(f"app {r.app[:64]!r} is not a valid app id")
     if r.msg_id <= 0:
