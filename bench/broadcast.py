@@ -19,7 +19,8 @@ Phases, each bounded in count and time:
      receipt latency. The phase ends when every expected delivery (clients held × broadcasts
      answered 200) has arrived, after ``--stall-s`` without a new one, or at ``--drain-timeout-s``.
      Meanwhile probe clients log in (``--probe-logins-per-s``, AUTH → AUTH_OK) and ping
-     (``--probe-pings-per-s`` over ``--probe-conns`` held connections, PING → PONG).
+     (``--probe-pings-per-s`` over ``--probe-conns`` held connections, PING → PONG); their server
+     CPU is in the window below (``--probe-logins-per-s 0 --probe-pings-per-s 0`` leaves it out).
   2. idle: wait (at most ``--idle-timeout-s``) until the servers' CPU falls back to what it was
      before the first call, so the acks are processed; server CPU counts from the first API call
      to that point, summed over every server process (rooms, register, saver, coordinator,
