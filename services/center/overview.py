@@ -268,6 +268,7 @@ class OverviewCollector:
             try:
                 await self.sample()
                 await self._read_online()
+                await self._read_apps()
                 if started - last_tables >= PARKED_EVERY_S:
                     last_tables = started
                     await self._read_tables()
@@ -307,10 +308,15 @@ class OverviewCollector:
         figures.online_estimated, figures.online_error = not complete, ""
         figures.t_ms = int(self._clock() * 1000)
 
+    async def _read_apps(self) -> None:
+        try:
+            self._app_store.apps = await asyncio.wait_for(app_ids(self._pool), STORE_CHECK_TIMEOUT_S)
+        except (*BACKEND_ERRORS, TimeoutError) as exc:  # the list stays as it was; MySQL's health says why
+            log.debug("app list not read: %s", describe(exc))
+
     async def _read_tables(self) -> None:
         figures = self._app_store
         try:
-            figures.apps = await asyncio.wait_for(app_ids(self._pool), STORE_CHECK_TIMEOUT_S)
             figures.parked = await asyncio.wait_for(parked_per_app(self._pool), PARKED_QUERY_MAX_S * 2)
             figures.parked_error = ""
         except (*BACKEND_ERRORS, TimeoutError) as exc:
