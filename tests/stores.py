@@ -28,6 +28,7 @@ REDIS_DBS = {
     "center_processes": 12,
     "api_fuzz": 13,
     "secret_rotation": 14,
+    "broadcast_center": 15,
 }
 
 

@@ -31,6 +31,10 @@ def add_arguments(p) -> None:
     create.add_argument("--webhook", default="", help="URL receiving upstream data and status events")
     create.add_argument("--status-events", action="store_true", help="send online/offline events to the webhook")
     create.add_argument("--push-rate", type=int, default=0, help="messages per second (0 = unlimited)")
+    create.add_argument("--broadcasts-per-min", type=int, default=None,
+                        help="POST /v1/broadcast requests per minute (default 60; 0 = unlimited)")
+    create.add_argument("--broadcast-rate", type=int, default=0,
+                        help="deliveries per second of one broadcast, all room instances together (0 = unlimited)")
     create.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     lst = sub.add_parser("list", help="list apps")
     lst.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
@@ -46,7 +50,9 @@ async def _run(common: CommonConfig, args) -> object:
         await mysql.migrate(pool)
         if args.action == "create":
             created = await app_registry.create_app(pool, redis, args.id, webhook_url=args.webhook,
-                                                    status_events=args.status_events, push_rate_per_s=args.push_rate)
+                                                    status_events=args.status_events, push_rate_per_s=args.push_rate,
+                                                    broadcasts_per_min=args.broadcasts_per_min,
+                                                    broadcast_deliveries_per_s=args.broadcast_rate)
             return created.to_dict()
         if args.action == "rotate-key":
             created = await app_registry.rotate_api_key(pool, args.id)
@@ -66,6 +72,8 @@ def main(args) -> int:
         common, _ = config.load(CenterConfig, "center", path)
         if args.action == "create" and args.push_rate < 0:
             raise ConfigError("--push-rate must be >= 0")
+        if args.action == "create" and (args.broadcast_rate < 0 or (args.broadcasts_per_min or 0) < 0):
+            raise ConfigError("--broadcasts-per-min and --broadcast-rate must be >= 0")
         result = asyncio.run(_run(common, args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ from services.common.apps import App
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = "id, secret, webhook_url, status_events, push_rate_per_s"
+_COLUMNS = "id, secret, webhook_url, status_events, push_rate_per_s, broadcasts_per_min, broadcast_deliveries_per_s"
 _DUPLICATE_KEY = 1062  # MySQL ER_DUP_ENTRY
 
 
@@ -49,12 +49,13 @@ class StoredApp:
 
 def app_view(app: App) -> dict[str, Any]:
     return {"id": app.id, "secret": app.secret, "webhook_url": app.webhook_url,
-            "status_events": app.status_events, "push_rate_per_s": app.push_rate_per_s}
+            "status_events": app.status_events, "push_rate_per_s": app.push_rate_per_s,
+            "broadcasts_per_min": app.broadcasts_per_min, "broadcast_deliveries_per_s": app.broadcast_deliveries_per_s}
 
 
 def _row_to_app(row: tuple) -> App:
     return App(id=row[0], secret=row[1], webhook_url=row[2] or "", status_events=bool(row[3]),
-               push_rate_per_s=int(row[4]))
+               push_rate_per_s=int(row[4]), broadcasts_per_min=int(row[5]), broadcast_deliveries_per_s=int(row[6]))
 
 
 @contextlib.contextmanager
@@ -70,7 +71,8 @@ def _mysql_errors(what: str) -> Iterator[None]:
 
 
 async def create_app(pool, redis, app_id: str, *, webhook_url: str = "", status_events: bool = False,
-                     push_rate_per_s: int = 0) -> CreatedApp:
+                     push_rate_per_s: int = 0, broadcasts_per_min: int | None = None,
+                     broadcast_deliveries_per_s: int = 0) -> CreatedApp:
     """Insert a new app with a fresh secret and API key, publish it to Redis.
 
     Raises Conflict if the id exists, InvalidRequest for a bad id or URL. A failed publish is
@@ -79,16 +81,18 @@ async def create_app(pool, redis, app_id: str, *, webhook_url: str = "", status_
     check_app_id(app_id)
     webhook_url = webhook_url_field(webhook_url)
     app = App(id=app_id, secret=apps.new_secret(), webhook_url=webhook_url, status_events=bool(status_events),
-              push_rate_per_s=int(push_rate_per_s))
+              push_rate_per_s=int(push_rate_per_s), broadcast_deliveries_per_s=int(broadcast_deliveries_per_s))
+    if broadcasts_per_min is not None:
+        app = replace(app, broadcasts_per_min=int(broadcasts_per_min))
     api_key = apps.new_api_key()
     with _mysql_errors("create app"):
         async with pool.acquire() as conn, conn.cursor() as cur:
             try:
                 await cur.execute(
-                    "INSERT INTO apps (id, secret, api_key_sha256, webhook_url, status_events, push_rate_per_s) "
-                    "VALUES (%s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO apps (id, secret, api_key_sha256, webhook_url, status_events, push_rate_per_s, "
+                    "broadcasts_per_min, broadcast_deliveries_per_s) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                     (app.id, app.secret, apps.hash_api_key(api_key), app.webhook_url, int(app.status_events),
-                     app.push_rate_per_s))
+                     app.push_rate_per_s, app.broadcasts_per_min, app.broadcast_deliveries_per_s))
             except pymysql.err.IntegrityError as exc:
                 if exc.args and exc.args[0] == _DUPLICATE_KEY:
                     raise Conflict(f"app {app_id!r} already exists", "app_exists") from None
@@ -122,7 +126,8 @@ async def list_apps(pool) -> list[StoredApp]:
 
 
 async def update_app(pool, redis, app_id: str, *, webhook_url: str | None = None, status_events: bool | None = None,
-                     push_rate_per_s: int | None = None) -> App:
+                     push_rate_per_s: int | None = None, broadcasts_per_min: int | None = None,
+                     broadcast_deliveries_per_s: int | None = None) -> App:
     """Change the given fields (None = keep), publish the result. NotFound if no such app."""
     app = await get_app(pool, app_id)
     if app is None:
@@ -134,11 +139,17 @@ async def update_app(pool, redis, app_id: str, *, webhook_url: str | None = None
         changes["status_events"] = bool(status_events)
     if push_rate_per_s is not None:
         changes["push_rate_per_s"] = int(push_rate_per_s)
+    if broadcasts_per_min is not None:
+        changes["broadcasts_per_min"] = int(broadcasts_per_min)
+    if broadcast_deliveries_per_s is not None:
+        changes["broadcast_deliveries_per_s"] = int(broadcast_deliveries_per_s)
     app = replace(app, **changes)
     with _mysql_errors("app update"):
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("UPDATE apps SET webhook_url = %s, status_events = %s, push_rate_per_s = %s WHERE id = %s",
-                              (app.webhook_url, int(app.status_events), app.push_rate_per_s, app.id))
+            await cur.execute("UPDATE apps SET webhook_url = %s, status_events = %s, push_rate_per_s = %s, "
+                              "broadcasts_per_min = %s, broadcast_deliveries_per_s = %s WHERE id = %s",
+                              (app.webhook_url, int(app.status_events), app.push_rate_per_s, app.broadcasts_per_min,
+                               app.broadcast_deliveries_per_s, app.id))
     await _publish(redis, app)
     return app
 

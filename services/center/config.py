@@ -52,6 +52,20 @@ class CenterConfig:
     app_republish_s: float = 60.0
     mysql_pool_size: int = 4
     shutdown_grace_s: float = 5.0
+    # a stored broadcast is delivered at every connect until acked, for its whole TTL: a shorter
+    # default and maximum than for messages to one user
+    broadcast_default_ttl_s: int = 24 * 3600
+    broadcast_max_ttl_s: int = 7 * 24 * 3600
+    # run a broadcast sub-task worker in this process (false: an API-only center; at least one
+    # center of the cluster must run one, or broadcasts reach only the users who connect later)
+    broadcast_worker: bool = True
+    # broadcast sub-tasks (one Room.Broadcast each) this process runs at a time
+    broadcast_max_in_flight: int = 64
+    # a sub-task not touched this long belongs to a center that died: another one takes it over
+    subtask_claim_idle_s: float = 10.0
+    # deadline of one Room.Broadcast: an instance writes to every session it holds before it answers
+    # (~1 s per 100,000 sessions measured), so more than the 2 s of a Room.Push
+    broadcast_room_deadline_s: float = 10.0
 
     def validate(self) -> None:
         require(0 <= self.port < 65536, "center.port", "must be a TCP port (0 = any free port)")
@@ -80,3 +94,9 @@ class CenterConfig:
         require(self.app_republish_s >= 1, "center.app_republish_s", "must be >= 1")
         require(self.mysql_pool_size >= 1, "center.mysql_pool_size", "must be >= 1")
         require(self.shutdown_grace_s >= 0, "center.shutdown_grace_s", "must be >= 0")
+        require(1 <= self.broadcast_default_ttl_s <= self.broadcast_max_ttl_s, "center.broadcast_default_ttl_s",
+                "must be 1 .. broadcast_max_ttl_s")
+        require(self.broadcast_max_ttl_s <= 30 * 24 * 3600, "center.broadcast_max_ttl_s", "must be at most 30 days")
+        require(1 <= self.broadcast_max_in_flight <= 10_000, "center.broadcast_max_in_flight", "must be 1 .. 10000")
+        require(self.subtask_claim_idle_s >= 0.5, "center.subtask_claim_idle_s", "must be >= 0.5")
+        require(self.broadcast_room_deadline_s > 0, "center.broadcast_room_deadline_s", "must be > 0")

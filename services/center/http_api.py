@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.center import telemetry, validation
 from services.center.app_registry import AppRegistry, app_view
 from services.center.auth import Authenticator, Principal
+from services.center.broadcasts import BroadcastService
 from services.center.errors import NotFound
 from services.center.http_errors import json_response, make_middleware
 from services.center.messages import MessageQuery, state_view
@@ -37,6 +38,7 @@ class CenterParts:
     stats: StatsCollector
     tally: Tally
     limits: Limits
+    broadcasts: BroadcastService | None = None
     openapi: bytes = b"{}"
     dashboard: bytes = b""
     overview: OverviewCollector | None = None
@@ -55,6 +57,8 @@ class CenterApi:
             web.post("/v1/tokens", self.mint_token),
             web.post("/v1/push", self.push),
             web.post("/v1/broadcast", self.broadcast),
+            web.get("/v1/broadcasts/{id}", self.broadcast_progress),
+            web.get("/v1/admin/broadcasts", self.recent_broadcasts),
             web.get("/v1/messages/{id}", self.message_state),
             web.get("/v1/users/{uid}", self.presence),
             web.post("/v1/users/{uid}/kick", self.kick),
@@ -133,10 +137,20 @@ class CenterApi:
         principal = await self._principal(request)
         body = validation.broadcast_body(await self._body(request), self.p.limits)
         app = await self.p.auth.target_app(principal, body.app)
-        result = await self.p.push.broadcast(app, body.payload, body.ttl_s)
+        accepted = await self.p.broadcasts.submit(app, body.payload, body.ttl_s)
         telemetry.APP_BROADCASTS.labels(app.id).inc()
-        return json_response({"broadcast_id": str(result.broadcast_id), "rooms": result.rooms,
-                              "delivered": result.delivered, "failed": result.failed})
+        return json_response({"broadcast_id": str(accepted.broadcast_id), "subtasks": accepted.subtasks})
+
+    async def broadcast_progress(self, request: web.Request) -> web.Response:
+        principal = await self._principal(request)
+        bid = validation.parse_broadcast_id(request.match_info["id"])
+        app_id = None if principal.admin else principal.app.id
+        return json_response((await self.p.broadcasts.progress(bid, app_id)).to_dict())
+
+    async def recent_broadcasts(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        limit = validation.list_limit(request.query.get("limit"))
+        return json_response({"broadcasts": [p.to_dict() for p in await self.p.broadcasts.recent(limit)]})
 
     async def message_state(self, request: web.Request) -> web.Response:
         principal = await self._principal(request)
@@ -165,7 +179,9 @@ class CenterApi:
         await self._admin(request)
         body = validation.new_app_body(await self._body(request))
         created = await self.p.registry.create(body.id, webhook_url=body.webhook_url, status_events=body.status_events,
-                                               push_rate_per_s=body.push_rate_per_s)
+                                               push_rate_per_s=body.push_rate_per_s,
+                                               broadcasts_per_min=body.broadcasts_per_min,
+                                               broadcast_deliveries_per_s=body.broadcast_deliveries_per_s)
         return json_response(created.to_dict(), status=201)
 
     async def list_apps(self, request: web.Request) -> web.Response:
@@ -182,7 +198,9 @@ class CenterApi:
         app_id = validation.check_app_id(request.match_info["id"])
         changes = validation.app_changes_body(await self._body(request))
         app = await self.p.registry.update(app_id, webhook_url=changes.webhook_url, status_events=changes.status_events,
-                                           push_rate_per_s=changes.push_rate_per_s)
+                                           push_rate_per_s=changes.push_rate_per_s,
+                                           broadcasts_per_min=changes.broadcasts_per_min,
+                                           broadcast_deliveries_per_s=changes.broadcast_deliveries_per_s)
         return json_response(app_view(app))
 
     async def rotate_key(self, request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from services.center import app_registry
 from services.center.app_registry import AppRegistry
 from services.center.auth import Authenticator
+from services.center.broadcasts import BroadcastService, SubtaskWorker, WorkerSettings
 from services.center.cluster_metrics import MetricsScraper
 from services.center.config import CenterConfig
 from services.center.errors import BackendUnavailable
@@ -121,11 +122,12 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     push = PushService(ids=ids.IdGenerator(node), saver=saver, register=register, rooms=rooms, limiter=RateLimiter(),
                        tally=tally, room_deadline_s=cfg.room_deadline_s, rpc_batch_bytes=cfg.rpc_batch_bytes,
                        rpc_batch_items=cfg.rpc_batch_items, max_in_flight_bytes=cfg.max_in_flight_bytes)
+    broadcasts = BroadcastService(ids=push.ids, saver=saver, discovery=discovery, redis=rdb, tally=tally)
     stats = StatsCollector(discovery, tally, group=role.tallies if role is not None else None)
     overview = OverviewCollector(discovery, MetricsScraper(), rdb, pool)
     parts = CenterParts(auth=Authenticator(registry, cfg.admin_key), registry=registry, push=push,
                         users=UserService(register, coordinator), messages=MessageQuery(saver), stats=stats,
-                        tally=tally, limits=Limits.from_config(cfg),
+                        tally=tally, limits=Limits.from_config(cfg), broadcasts=broadcasts,
                         openapi=(HERE / "openapi.json").read_bytes(), dashboard=(HERE / "dashboard.html").read_bytes(),
                         overview=overview)
     if not cfg.admin_key:
@@ -155,6 +157,14 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     stats.center_id = overview.center_id = me.id
     await discovery.announce(me)
     await overview.start()
+    worker = None
+    if cfg.broadcast_worker:
+        worker = SubtaskWorker(redis=rdb, rooms=rooms, discovery=discovery, tally=tally,
+                               consumer=SubtaskWorker.consumer_name(me.id),
+                               settings=WorkerSettings(max_in_flight=cfg.broadcast_max_in_flight,
+                                                       claim_idle_s=cfg.subtask_claim_idle_s,
+                                                       room_deadline_s=cfg.broadcast_room_deadline_s))
+        await worker.start()
     republisher = asyncio.get_running_loop().create_task(_republish_loop(registry, cfg.app_republish_s, rdb))
     log.info("center listening on %s:%d (id %s, pid %d, metrics %s)", cfg.host, port, me.id, os.getpid(),
              metrics_addr)
@@ -164,6 +174,8 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     finally:
         log.info("center stopping")
         republisher.cancel()
+        if worker is not None:
+            await worker.close()
         await overview.close()
         await discovery.withdraw()
         await discovery.close()

@@ -1,4 +1,5 @@
 """Push: store before send, then hand each message to the room instances that hold its user.
+(Broadcasts are stored and fanned out as sub-tasks by ``broadcasts.py``.)
 
 Unicast/multicast flow (DESIGN.md §1 center, §5), for a list of (uid, payload, ttl) messages of
 one app (``push_messages``; ``push`` is the one-payload form):
@@ -57,14 +58,6 @@ class PushResult:
     online: int          # uids with at least one session bound to the app
     delivered: int       # messages rooms reported as written to a connection
     room_failures: int   # room instances that could not be reached in time
-
-
-@dataclass(frozen=True, slots=True)
-class BroadcastResult:
-    broadcast_id: int
-    rooms: int
-    delivered: int
-    failed: int
 
 
 def chunks_by_bytes(messages: Sequence[pb.StoredMessage], max_bytes: int,
@@ -303,47 +296,6 @@ class PushService:
             self.tally.room_failures += len(failed_instances)
             telemetry.ROOM_FAILURES.labels("Push").inc(len(failed_instances))
         return delivered, len(failed_instances), failed
-
-    # ------------------------------------------------------------ broadcast
-
-    async def broadcast(self, app: App, payload: bytes, ttl_s: int) -> BroadcastResult:
-        """Simple broadcast: one Room.Broadcast per live room instance, all concurrently.
-
-        Later step (DESIGN.md §1, center): split the broadcast into one sub-task per room instance
-        on a Redis Stream consumer group shared by all centers, so that a broadcast survives the
-        center that accepted it and the fan-out work is spread. Not done here yet.
-        """
-        self._admit(app, 1)
-        started = time.perf_counter()
-        message = pb.StoredMessage(msg_id=self.ids.next(), app=app.id, payload=payload,
-                                   created_ms=int(self._clock() * 1000), ttl_s=ttl_s, broadcast=True)
-        try:
-            # fresh: a broadcast is rare, and a stale list would skip a room that just started
-            rooms = [i for i in await self.rooms.discovery.instances(self.rooms.service, fresh=True) if i.grpc]
-        except BACKEND_ERRORS as exc:
-            raise unavailable("discovery", exc) from exc
-        request = pb.BroadcastRequest(message=message)
-        results = await asyncio.gather(
-            *(self.rooms.call("Broadcast", request, target=r.grpc, deadline_s=self.room_deadline_s) for r in rooms),
-            return_exceptions=True)
-        delivered = failed = 0
-        for room, result in zip(rooms, results, strict=True):
-            if isinstance(result, BaseException):
-                if not isinstance(result, BACKEND_ERRORS):
-                    raise result
-                failed += 1
-                log.warning("Room.Broadcast to %s failed: %s", room.id, describe(result))
-            else:
-                delivered += result.delivered
-        self.tally.broadcasts += 1
-        self.tally.delivered += delivered
-        self.tally.room_failures += failed
-        telemetry.PUSH_REQUESTS.labels("broadcast").inc()
-        telemetry.DELIVERED.labels("broadcast").inc(delivered)
-        if failed:
-            telemetry.ROOM_FAILURES.labels("Broadcast").inc(failed)
-        telemetry.PUSH_SECONDS.labels("broadcast").observe(time.perf_counter() - started)
-        return BroadcastResult(message.msg_id, len(rooms), delivered, failed)
 
 
 async def _gather_settled(coros: list) -> list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter("pylon_center_http_requests_total", "HTTP requests by route template, method and status",
                         ["route", "method", "status"])
@@ -19,6 +19,16 @@ RATE_LIMITED = Counter("pylon_center_rate_limited_total", "Push calls refused by
 ROOM_FAILURES = Counter("pylon_center_room_failures_total", "Room calls that failed (message stays stored)",
                         ["method"])
 OVERLOADED = Counter("pylon_center_overloaded_total", "Push calls refused because too many bytes were in flight")
+# broadcast sub-tasks in the shared stream (the same figure on every center: use max(), not sum())
+BROADCAST_SUBTASKS = Gauge("pylon_broadcast_subtasks", "Broadcast sub-tasks: queued (not yet read), running "
+                           "(read, not done), stuck (running and idle past the claim time or tried > 3 times)",
+                           ["state"])
+BROADCAST_SUBTASKS_DONE = Counter("pylon_broadcast_subtasks_done_total",
+                                  "Broadcast sub-tasks this center completed (room instance wrote it, or was gone)")
+BROADCAST_SUBTASK_FAILURES = Counter("pylon_broadcast_subtask_failures_total",
+                                     "Room.Broadcast calls of sub-tasks that failed (tried again)")
+BROADCAST_SUBTASKS_EXPIRED = Counter("pylon_broadcast_subtasks_expired_total",
+                                     "Broadcast sub-tasks dropped because the broadcast expired first")
 LOOKUP_FAILURES = Counter("pylon_center_lookup_failures_total",
                           "Register lookups that failed during a push (message stays stored)")
 # per app: apps are created by the operator, so the label set stays as small as the app table

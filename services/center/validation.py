@@ -25,6 +25,9 @@ MAX_DEVICE_ID_LEN = 128
 MAX_REASON_LEN = 256
 MAX_WEBHOOK_URL_LEN = 1024  # the apps.webhook_url column
 MAX_PUSH_RATE = 1_000_000
+MAX_BROADCASTS_PER_MIN = 1_000_000
+MAX_BROADCAST_DELIVERIES_PER_S = 100_000_000
+MAX_LIST_LIMIT = 100
 # uint64 msg ids: 20 decimal digits at most
 MAX_ID = (1 << 64) - 1
 CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
@@ -40,13 +43,16 @@ class Limits:
     max_ttl_s: int = 30 * 24 * 3600
     token_ttl_s: int = 7 * 24 * 3600
     max_token_ttl_s: int = 90 * 24 * 3600
+    broadcast_default_ttl_s: int = 24 * 3600
+    broadcast_max_ttl_s: int = 7 * 24 * 3600
 
     @classmethod
     def from_config(cls, cfg: CenterConfig) -> Limits:
         return cls(max_uids=cfg.max_uids_per_push, max_messages=cfg.max_messages_per_push,
                    max_payload_bytes=cfg.max_payload_bytes,
                    max_uid_len=cfg.max_uid_len, default_ttl_s=cfg.default_ttl_s, max_ttl_s=cfg.max_ttl_s,
-                   token_ttl_s=cfg.token_ttl_s, max_token_ttl_s=cfg.max_token_ttl_s)
+                   token_ttl_s=cfg.token_ttl_s, max_token_ttl_s=cfg.max_token_ttl_s,
+                   broadcast_default_ttl_s=cfg.broadcast_default_ttl_s, broadcast_max_ttl_s=cfg.broadcast_max_ttl_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +107,8 @@ class NewAppBody:
     webhook_url: str
     status_events: bool
     push_rate_per_s: int
+    broadcasts_per_min: int | None = None  # None = the App default
+    broadcast_deliveries_per_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,8 @@ class AppChangesBody:
     webhook_url: str | None
     status_events: bool | None
     push_rate_per_s: int | None
+    broadcasts_per_min: int | None = None
+    broadcast_deliveries_per_s: int | None = None
 
 
 # ---------------------------------------------------------------- JSON framing
@@ -333,7 +343,10 @@ def batch_message(m: Any, limits: Limits, default_ttl: int, where: str) -> Batch
 
 
 def broadcast_body(data: dict[str, Any], limits: Limits) -> BroadcastBody:
-    return BroadcastBody(app_field(data), payload_field(data, limits), ttl_field(data, limits))
+    """A stored broadcast lives for its whole TTL (delivered at every connect until acked), hence a
+    default and a maximum of its own (center.broadcast_default_ttl_s / broadcast_max_ttl_s)."""
+    ttl_s = _int(data, "ttl_s", limits.broadcast_default_ttl_s, 1, limits.broadcast_max_ttl_s)
+    return BroadcastBody(app_field(data), payload_field(data, limits), ttl_s)
 
 
 def token_body(data: dict[str, Any], limits: Limits) -> TokenBody:
@@ -350,17 +363,25 @@ def kick_body(data: dict[str, Any]) -> KickBody:
 def new_app_body(data: dict[str, Any]) -> NewAppBody:
     app_id = _string(data, "id", required=True, max_len=64)
     check_app_id(app_id)
+    per_min = data.get("broadcasts_per_min")
     return NewAppBody(app_id, webhook_url_field(data.get("webhook_url", "")),
-                      _bool(data, "status_events", False), _int(data, "push_rate_per_s", 0, 0, MAX_PUSH_RATE))
+                      _bool(data, "status_events", False), _int(data, "push_rate_per_s", 0, 0, MAX_PUSH_RATE),
+                      None if per_min is None else _int(data, "broadcasts_per_min", 0, 0, MAX_BROADCASTS_PER_MIN),
+                      _int(data, "broadcast_deliveries_per_s", 0, 0, MAX_BROADCAST_DELIVERIES_PER_S))
 
 
 def app_changes_body(data: dict[str, Any]) -> AppChangesBody:
     url = webhook_url_field(data["webhook_url"]) if data.get("webhook_url") is not None else None
     events = _bool(data, "status_events", False) if data.get("status_events") is not None else None
     rate = _int(data, "push_rate_per_s", 0, 0, MAX_PUSH_RATE) if data.get("push_rate_per_s") is not None else None
-    if url is None and events is None and rate is None:
-        raise InvalidRequest('nothing to change: give "webhook_url", "status_events" or "push_rate_per_s"', "empty_change")
-    return AppChangesBody(url, events, rate)
+    per_min = (_int(data, "broadcasts_per_min", 0, 0, MAX_BROADCASTS_PER_MIN)
+               if data.get("broadcasts_per_min") is not None else None)
+    pacing = (_int(data, "broadcast_deliveries_per_s", 0, 0, MAX_BROADCAST_DELIVERIES_PER_S)
+              if data.get("broadcast_deliveries_per_s") is not None else None)
+    if url is None and events is None and rate is None and per_min is None and pacing is None:
+        raise InvalidRequest('nothing to change: give "webhook_url", "status_events", "push_rate_per_s", '
+                             '"broadcasts_per_min" or "broadcast_deliveries_per_s"', "empty_change")
+    return AppChangesBody(url, events, rate, per_min, pacing)
 
 
 def check_app_id(app_id: str) -> str:
@@ -379,6 +400,21 @@ def webhook_url_field(value: Any) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidRequest('"webhook_url" must be an http:// or https:// URL', "bad_webhook_url")
     return value
+
+
+def parse_broadcast_id(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 20 or not 0 < int(text) <= MAX_ID:
+        raise InvalidRequest("broadcast id must be a decimal number of at most 20 digits", "bad_broadcast_id")
+    return int(text)
+
+
+def list_limit(text: str | None, default: int = 20) -> int:
+    """The ``limit`` query parameter of a list route: 1 .. MAX_LIST_LIMIT."""
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text[:4]) <= MAX_LIST_LIMIT or len(text) > 3:
+        raise InvalidRequest(f'"limit" must be a number from 1 to {MAX_LIST_LIMIT}', "bad_limit")
+    return int(text)
 
 
 def parse_msg_id(text: str) -> int:

@@ -25,6 +25,12 @@ class App:
     webhook_url: str = ""
     status_events: bool = False  # POST online/offline events to the webhook
     push_rate_per_s: int = 0     # 0 = unlimited
+    # POST /v1/broadcast requests per minute (per center; 0 = unlimited): a broadcast reaches every
+    # user of the app, so a runaway script sending one per second is a flood, not a feature
+    broadcasts_per_min: int = 60
+    # deliveries per second of one broadcast across all room instances (0 = unlimited): keeps the
+    # reactions of millions of clients from hitting the app's own servers at once
+    broadcast_deliveries_per_s: int = 0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -111,7 +111,17 @@ def test_token_body():
 
 
 def test_broadcast_and_kick_bodies():
-    assert v.broadcast_body({"app": "a", "payload": "p"}, LIMITS) == v.BroadcastBody("a", b"p", 60)
+    # a broadcast has a TTL default and maximum of its own (it is delivered at every connect until acked)
+    assert v.broadcast_body({"app": "a", "payload": "p"}, LIMITS) == v.BroadcastBody("a", b"p", 86400)
+    assert v.broadcast_body({"payload": "p", "ttl_s": 7 * 86400}, LIMITS).ttl_s == 7 * 86400
+    for bad in (0, -1, 7 * 86400 + 1, "60", True, 1.5):
+        assert code_of(v.broadcast_body, {"payload": "p", "ttl_s": bad}, LIMITS) == ("InvalidRequest", "bad_ttl_s")
+    assert v.parse_broadcast_id("18446744073709551615") == (1 << 64) - 1
+    for bad in ("0", "abc", "-1", "18446744073709551616", "1" * 21, "１"):
+        assert code_of(v.parse_broadcast_id, bad) == ("InvalidRequest", "bad_broadcast_id")
+    assert v.list_limit(None) == 20 and v.list_limit("1") == 1 and v.list_limit("100") == 100
+    for bad in ("0", "101", "-5", "x", "1e3", "00000000001"):
+        assert code_of(v.list_limit, bad) == ("InvalidRequest", "bad_limit")
     assert v.kick_body({}) == v.KickBody(None, "")
     assert v.kick_body({"reason": "bye", "app": "a"}) == v.KickBody("a", "bye")
     assert code_of(v.kick_body, {"reason": ["x"]}) == ("InvalidRequest", "bad_reason")
