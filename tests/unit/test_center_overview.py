@@ -83,3 +83,18 @@ def test_a_failed_scrape_is_listed_not_counted():
     sample = aggregate([failed, scrape("room", "r1", ROOM_TEXT)], None, 0)
     assert sample.failed == [{"service": "saver", "id": "s1", "error": "TimeoutError"}]
     assert sample.gauges["sessions"] == 12
+
+
+def test_room_instances_are_live_draining_or_gone_and_gone_ones_are_forgotten():
+    from services.center.overview import GONE_KEPT_S, OverviewCollector
+
+    overview = OverviewCollector(discovery=None, scraper=None, redis=None, pool=None)
+    a = Instance(service="room", id="room-a", host="h", port=1, load=50, capacity=100)
+    b = Instance(service="room", id="room-b", host="h", port=2, load=10, capacity=100, draining=True)
+    rooms = overview._rooms([a, b], None, 1_000)
+    assert [(r["id"], r["state"], r["fill"]) for r in rooms] == [("room-a", "live", 0.5), ("room-b", "draining", 0.1)]
+    rooms = overview._rooms([a], None, 2_000)
+    assert [(r["id"], r["state"], r["sessions"]) for r in rooms] == [("room-a", "live", 50), ("room-b", "gone", 0)]
+    assert rooms[1]["last_seen_ms"] == 1_000
+    rooms = overview._rooms([a], None, 1_000 + int(GONE_KEPT_S * 1000) + 1)
+    assert [r["id"] for r in rooms] == ["room-a"]
