@@ -30,6 +30,8 @@ SERVICES = ("room", "register", "saver", "coordinator", "center", "dispatcher")
 SAMPLE_S = 5.0
 WINDOW_S = 15 * 60.0
 CACHE_S = 1.0
+# a process that does not answer a scrape keeps its last counters this long (see aggregate)
+CARRY_MAX_S = 60.0
 # a room instance that left discovery is listed as "gone" this long (then forgotten)
 GONE_KEPT_S = WINDOW_S
 MAX_LISTED_ROOMS = 500
@@ -109,51 +111,65 @@ class Sample:
     app_queue: dict[str, float]
     # per process: counter name -> value (kept only for the newest sample, to diff the next one)
     counters: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
+    stamps: dict[str, int] = field(default_factory=dict, repr=False)  # when each process's counters were read
     room_connections: dict[str, float] = field(default_factory=dict)
     scraped: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
 
 
 def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Sample:
-    """A sample from one round of scrapes; rates against ``previous`` (pure, no I/O)."""
+    """A sample from one round of scrapes; rates against ``previous`` (pure, no I/O).
+
+    Each process's rate is its own counter difference over its own interval: a process that did
+    not answer one round keeps its last values (up to ``CARRY_MAX_S``) and its next answer covers
+    both intervals, so a slow scrape neither drops nor doubles its share of a rate."""
     gauges = dict.fromkeys(GAUGES, 0.0)
     app_queue: dict[str, float] = {}
     counters: dict[str, dict[str, float]] = {}
+    stamps: dict[str, int] = {}
     room_connections: dict[str, float] = {}
     failed = []
     for s in scrapes:
+        proc = f"{s.instance.service}/{s.instance.id}"
         if s.error:
             failed.append({"service": s.instance.service, "id": s.instance.id, "error": s.error[:200]})
+            if previous is not None and proc in previous.counters \
+                    and t_ms - previous.stamps[proc] <= CARRY_MAX_S * 1000:
+                counters[proc], stamps[proc] = previous.counters[proc], previous.stamps[proc]
             continue
         for name, series in GAUGES.items():
             gauges[name] += s.value(series)
         for app, v in s.by_label(GAUGES["webhook_queue"], "app").items():
             app_queue[app] = app_queue.get(app, 0.0) + v
-        counters[f"{s.instance.service}/{s.instance.id}"] = _counter_values(s)
+        counters[proc], stamps[proc] = _counter_values(s), t_ms
         if s.instance.service == "room":
             room_connections[s.instance.id] = s.value(GAUGES["connections"])
     rates: dict[str, float] = {}
     app_rates: dict[str, dict[str, float]] = {}
-    dt = (t_ms - previous.t_ms) / 1000 if previous is not None else 0.0
-    if previous is not None and dt > 0:
-        sums: dict[str, float] = {}
+    if previous is not None and t_ms > previous.t_ms:
+        sums: dict[str, float] = dict.fromkeys((*COUNTERS, "http_5xx"), 0.0)
         for proc, values in counters.items():
-            before = previous.counters.get(proc, {})
+            before = previous.counters.get(proc)
+            # no baseline (a new process, or one silent for longer than CARRY_MAX_S): it counts
+            # from its next sample; carried values (no answer now) wait for the next answer
+            if not before or stamps[proc] != t_ms:
+                continue
+            dt = (t_ms - previous.stamps[proc]) / 1000
             for name, v in values.items():
-                # a process without a baseline (new, or not answering last time) counts from its
-                # next sample; a series new in a known process (an app's first push) from 0
-                sums[name] = sums.get(name, 0.0) + (_delta(v, before.get(name, 0.0)) if before else 0.0)
-        for name in (*COUNTERS, "http_5xx"):
-            rates[name] = sums.get(name, 0.0) / dt
+                # a series new in a known process (an app's first push) counts from 0
+                sums[name] = sums.get(name, 0.0) + _delta(v, before.get(name, 0.0)) / dt
         for key, v in sums.items():
             if key.startswith("app:"):
                 _, fig, app = key.split(":", 2)
-                app_rates.setdefault(app, {})[fig] = v / dt
+                app_rates.setdefault(app, {})[fig] = v
+            else:
+                rates[key] = v
         rates["errors"] = rates["http_5xx"] + (rates["rpc_calls"] - rates["rpc_ok"]) + rates["saver_errors"] \
             + rates["register_errors"]
         rates["webhook_failed"] = rates["webhook_attempts"] - rates["webhook_ok"]
     return Sample(t_ms=t_ms, gauges=gauges, rates=rates, app_rates=app_rates, app_queue=app_queue,
-                  counters=counters, room_connections=room_connections, scraped=len(scrapes), failed=failed)
+                  counters=counters, stamps=stamps, room_connections=room_connections, scraped=len(scrapes),
+                  failed=failed)
 
 
 @dataclass(slots=True)
@@ -291,8 +307,10 @@ class OverviewCollector:
         scrapes = await self.scraper.scrape(targets.values(), WANTED)
         previous = self.ring[-1] if self.ring else None
         sample = aggregate(scrapes, previous, int(self._clock() * 1000))
+        # sessions as discovery has them (what the cards show), even for a room that did not answer
+        sample.gauges["sessions"] = float(sum(r.load for r in by_service["room"]))
         if previous is not None:
-            previous.counters = {}  # only the newest keeps per-process values
+            previous.counters, previous.stamps = {}, {}  # only the newest keeps per-process values
         self.ring.append(sample)
         return sample
 

@@ -98,3 +98,12 @@ def test_room_instances_are_live_draining_or_gone_and_gone_ones_are_forgotten():
     assert rooms[1]["last_seen_ms"] == 1_000
     rooms = overview._rooms([a], None, 1_000 + int(GONE_KEPT_S * 1000) + 1)
     assert [r["id"] for r in rooms] == ["room-a"]
+
+
+def test_a_process_missing_one_round_gets_its_rate_over_both_intervals():
+    silent = Scrape(Instance(service="center", id="c1"), error="TimeoutError")
+    first = aggregate([scrape("center", "c1", center_text(0, {}))], None, 0)
+    second = aggregate([silent], first, 2_000)
+    assert second.rates["messages"] == 0.0 and second.counters == first.counters
+    third = aggregate([scrape("center", "c1", center_text(40, {}))], second, 4_000)
+    assert third.rates["messages"] == 10.0  # 40 over the 4 s since c1 last answered
