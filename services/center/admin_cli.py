@@ -1,4 +1,4 @@
-"""``pylon app create|list|rotate-key``: manage apps directly in MySQL (and publish them to Redis).
+"""``pylon app create|list|rotate-key|rotate-secret``: manage apps directly in MySQL (and publish them to Redis).
 
 Uses the same core functions as the admin HTTP routes, so both paths create identical apps.
 Prints JSON on stdout; errors go to stderr with exit code 1.
@@ -38,9 +38,16 @@ def add_arguments(p) -> None:
     create.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
     lst = sub.add_parser("list", help="list apps")
     lst.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
-    rotate = sub.add_parser("rotate-key", help="give an app a new API key (prints it)")
+    rotate = sub.add_parser("rotate-key", help="give an app a new API key (prints it, once)")
     rotate.add_argument("id")
+    rotate.add_argument("--grace", type=int, default=0, metavar="SECONDS",
+                        help="the old key keeps working this long (default 0: it stops now)")
     rotate.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
+    rotate_secret = sub.add_parser("rotate-secret", help="give an app a new token signing secret (prints it, once)")
+    rotate_secret.add_argument("id")
+    rotate_secret.add_argument("--overlap", type=int, default=0, metavar="SECONDS",
+                               help="tokens signed with the old secret still verify this long (default 0)")
+    rotate_secret.add_argument("--config", dest="sub_config", help=argparse.SUPPRESS)
 
 
 async def _run(common: CommonConfig, args) -> object:
@@ -55,8 +62,9 @@ async def _run(common: CommonConfig, args) -> object:
                                                     broadcast_deliveries_per_s=args.broadcast_rate)
             return created.to_dict()
         if args.action == "rotate-key":
-            created = await app_registry.rotate_api_key(pool, args.id)
-            return created.to_dict()
+            return (await app_registry.rotate_api_key(pool, args.id, args.grace)).to_dict()
+        if args.action == "rotate-secret":
+            return (await app_registry.rotate_secret(pool, redis, args.id, args.overlap)).to_dict()
         return {"apps": [s.to_dict() for s in await app_registry.list_apps(pool)]}
     finally:
         pool.close()

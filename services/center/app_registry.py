@@ -1,7 +1,9 @@
 """The app registry: apps in MySQL (source of truth), published to Redis for rooms and coordinators.
 
-The module-level functions are the one implementation of create/list/update used by the HTTP
-routes, ``pylon app`` and the local launcher. ``AppRegistry`` adds the center's cached read side
+The module-level functions are the one implementation of create/list/update/rotate used by the
+HTTP routes, ``pylon app`` and the local launcher. An app's secret and API key leave this module
+only at create and rotate (``CreatedApp``, ``RotatedKey``, ``RotatedSecret``); ``app_view``, used
+by every listing, carries neither. ``AppRegistry`` adds the center's cached read side
 (lookup by API key hash or id) on top of them.
 """
 
@@ -16,14 +18,16 @@ from typing import Any
 
 import pymysql
 
-from services.center.errors import BackendUnavailable, Conflict, NotFound
-from services.center.validation import check_app_id, webhook_url_field
+from services.center.errors import BackendUnavailable, Conflict, InvalidRequest, NotFound
+from services.center.validation import MAX_ROTATION_WINDOW_S, check_app_id, webhook_url_field
 from services.common import apps
 from services.common.apps import App
 
 log = logging.getLogger(__name__)
 
 _COLUMNS = "id, secret, webhook_url, status_events, push_rate_per_s, broadcasts_per_min, broadcast_deliveries_per_s"
+_N_COLUMNS = len(_COLUMNS.split(","))
+_ROTATION_COLUMNS = "previous_secret, previous_secret_until"  # follow _COLUMNS in every SELECT of an app
 _DUPLICATE_KEY = 1062  # MySQL ER_DUP_ENTRY
 
 
@@ -35,7 +39,31 @@ class CreatedApp:
     api_key: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {**app_view(self.app), "api_key": self.api_key}
+        return {**app_view(self.app), "secret": str(self.app.secret), "api_key": self.api_key}
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedKey:
+    """An app's new API key, shown once; the old one works until ``previous_key_until`` (0 = not at all)."""
+
+    app: App
+    api_key: str
+    previous_key_until: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.app.id, "api_key": self.api_key, "previous_key_until": self.previous_key_until}
+
+
+@dataclass(frozen=True, slots=True)
+class RotatedSecret:
+    """An app's new signing secret, shown once; tokens signed with the old one verify until
+    ``previous_secret_until`` (0 = not at all)."""
+
+    app: App
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.app.id, "secret": str(self.app.secret),
+                "previous_secret_until": self.app.previous_secret_until}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +76,7 @@ class StoredApp:
 
 
 def app_view(app: App) -> dict[str, Any]:
-    return {"id": app.id, "secret": app.secret, "webhook_url": app.webhook_url,
+    return {"id": app.id, "webhook_url": app.webhook_url,
             "status_events": app.status_events, "push_rate_per_s": app.push_rate_per_s,
             "broadcasts_per_min": app.broadcasts_per_min, "broadcast_deliveries_per_s": app.broadcast_deliveries_per_s}
 
@@ -56,6 +84,13 @@ def app_view(app: App) -> dict[str, Any]:
 def _row_to_app(row: tuple) -> App:
     return App(id=row[0], secret=row[1], webhook_url=row[2] or "", status_events=bool(row[3]),
                push_rate_per_s=int(row[4]), broadcasts_per_min=int(row[5]), broadcast_deliveries_per_s=int(row[6]))
+
+
+def _app_of_row(row: tuple) -> App:
+    """An app from a row of ``_COLUMNS`` then ``_ROTATION_COLUMNS``."""
+    app = _row_to_app(row)
+    previous, until = row[_N_COLUMNS], int(row[_N_COLUMNS + 1] or 0)
+    return replace(app, previous_secret=previous, previous_secret_until=until) if previous else app
 
 
 @contextlib.contextmanager
@@ -104,25 +139,32 @@ async def create_app(pool, redis, app_id: str, *, webhook_url: str = "", status_
 async def get_app(pool, app_id: str) -> App | None:
     with _mysql_errors("app lookup"):
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(f"SELECT {_COLUMNS} FROM apps WHERE id = %s", (app_id,))
+            await cur.execute(f"SELECT {_COLUMNS}, {_ROTATION_COLUMNS} FROM apps WHERE id = %s", (app_id,))
             row = await cur.fetchone()
-    return _row_to_app(row) if row else None
+    return _app_of_row(row) if row else None
 
 
-async def app_by_key_hash(pool, key_hash: str) -> App | None:
+async def app_by_key_hash(pool, key_hash: str) -> tuple[App | None, int]:
+    """The app whose current API key, or previous one still in its grace period, has this hash,
+    and until when the key works (unix seconds; 0 = no end: the current key)."""
     with _mysql_errors("API key lookup"):
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(f"SELECT {_COLUMNS} FROM apps WHERE api_key_sha256 = %s", (key_hash,))
+            await cur.execute(
+                f"SELECT {_COLUMNS}, {_ROTATION_COLUMNS}, "
+                "IF(api_key_sha256 = %s, 0, previous_api_key_until) FROM apps "
+                "WHERE api_key_sha256 = %s OR (previous_api_key_sha256 = %s AND previous_api_key_until > UNIX_TIMESTAMP()) "
+                "ORDER BY api_key_sha256 = %s DESC LIMIT 1",
+                (key_hash, key_hash, key_hash, key_hash))
             row = await cur.fetchone()
-    return _row_to_app(row) if row else None
+    return (_app_of_row(row), int(row[_N_COLUMNS + 2])) if row else (None, 0)
 
 
 async def list_apps(pool) -> list[StoredApp]:
     with _mysql_errors("app list"):
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(f"SELECT {_COLUMNS}, UNIX_TIMESTAMP(created_at) FROM apps ORDER BY id")
+            await cur.execute(f"SELECT {_COLUMNS}, {_ROTATION_COLUMNS}, UNIX_TIMESTAMP(created_at) FROM apps ORDER BY id")
             rows = await cur.fetchall()
-    return [StoredApp(_row_to_app(r), int(r[5] or 0)) for r in rows]
+    return [StoredApp(_app_of_row(r), int(r[_N_COLUMNS + 2] or 0)) for r in rows]
 
 
 async def update_app(pool, redis, app_id: str, *, webhook_url: str | None = None, status_events: bool | None = None,
@@ -154,16 +196,45 @@ async def update_app(pool, redis, app_id: str, *, webhook_url: str | None = None
     return app
 
 
-async def rotate_api_key(pool, app_id: str) -> CreatedApp:
-    """Replace an app's API key (the old one stops working once centers' caches expire)."""
+def _window_end(seconds: int) -> int:
+    if not 0 <= seconds <= MAX_ROTATION_WINDOW_S:
+        raise InvalidRequest(f"an overlap must be 0 .. {MAX_ROTATION_WINDOW_S} seconds", "bad_rotation_window")
+    return int(time.time()) + seconds if seconds else 0
+
+
+async def rotate_api_key(pool, app_id: str, grace_s: int = 0) -> RotatedKey:
+    """Give an app a new API key. The old one keeps working for ``grace_s`` seconds (0: it stops
+    once centers' caches of it expire, ``AppRegistry.ttl_s``); a key before that one stops now."""
+    until = _window_end(grace_s)
     app = await get_app(pool, app_id)
     if app is None:
         raise NotFound(f"no app {app_id!r}", "unknown_app")
     api_key = apps.new_api_key()
     with _mysql_errors("API key rotation"):
         async with pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute("UPDATE apps SET api_key_sha256 = %s WHERE id = %s", (apps.hash_api_key(api_key), app_id))
-    return CreatedApp(app, api_key)
+            # MySQL assigns left to right: previous_api_key_sha256 takes the key being replaced
+            await cur.execute("UPDATE apps SET previous_api_key_sha256 = IF(%s > 0, api_key_sha256, NULL), "
+                              "previous_api_key_until = %s, api_key_sha256 = %s WHERE id = %s",
+                              (until, until, apps.hash_api_key(api_key), app_id))
+    return RotatedKey(app, api_key, until)
+
+
+async def rotate_secret(pool, redis, app_id: str, overlap_s: int = 0) -> RotatedSecret:
+    """Give an app a new signing secret and publish it. Tokens signed with the old one verify
+    for ``overlap_s`` more seconds (0: not at all, once rooms have the new one, a few seconds);
+    the secret before that one stops now. Webhooks are signed with the new one at once."""
+    until = _window_end(overlap_s)
+    app = await get_app(pool, app_id)
+    if app is None:
+        raise NotFound(f"no app {app_id!r}", "unknown_app")
+    previous = str(app.secret) if until else ""
+    app = replace(app, secret=apps.new_secret(), previous_secret=previous, previous_secret_until=until)
+    with _mysql_errors("secret rotation"):
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("UPDATE apps SET previous_secret = %s, previous_secret_until = %s, secret = %s WHERE id = %s",
+                              (previous, until, str(app.secret), app_id))
+    await _publish(redis, app)
+    return RotatedSecret(app)
 
 
 async def publish_all(pool, redis) -> int:
@@ -214,8 +285,11 @@ class AppRegistry:
         hit = self._cache_get(self._by_key, key_hash)
         if hit is not False:
             return hit
-        app = await app_by_key_hash(self.pool, key_hash)
+        app, until = await app_by_key_hash(self.pool, key_hash)
         self._cache_put(self._by_key, key_hash, app)
+        if until:  # an old key in its grace period: cached no longer than the grace lasts
+            expires = min(self._by_key[key_hash][0], self._clock() + until - time.time())
+            self._by_key[key_hash] = (expires, app)
         return app
 
     async def by_id(self, app_id: str) -> App | None:
@@ -242,10 +316,15 @@ class AppRegistry:
         self._forget(app_id)
         return app
 
-    async def rotate_key(self, app_id: str) -> CreatedApp:
-        created = await rotate_api_key(self.pool, app_id)
+    async def rotate_key(self, app_id: str, grace_s: int = 0) -> RotatedKey:
+        rotated = await rotate_api_key(self.pool, app_id, grace_s)
         self._forget(app_id)
-        return created
+        return rotated
+
+    async def rotate_secret(self, app_id: str, overlap_s: int = 0) -> RotatedSecret:
+        rotated = await rotate_secret(self.pool, self.redis, app_id, overlap_s)
+        self._forget(app_id)
+        return rotated
 
     async def list(self) -> list[StoredApp]:
         return await list_apps(self.pool)

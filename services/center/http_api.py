@@ -69,6 +69,7 @@ class CenterApi:
             web.get("/v1/apps/{id}", self.get_app),
             web.patch("/v1/apps/{id}", self.update_app),
             web.post("/v1/apps/{id}/rotate-key", self.rotate_key),
+            web.post("/v1/apps/{id}/rotate-secret", self.rotate_secret),
         ]
 
     # ------------------------------------------------------------ plumbing
@@ -205,8 +206,15 @@ class CenterApi:
 
     async def rotate_key(self, request: web.Request) -> web.Response:
         await self._admin(request)
-        created = await self.p.registry.rotate_key(validation.check_app_id(request.match_info["id"]))
-        return json_response(created.to_dict())
+        app_id = validation.check_app_id(request.match_info["id"])
+        grace_s = validation.rotation_window(await self._body(request, allow_empty=True), "grace_s")
+        return json_response((await self.p.registry.rotate_key(app_id, grace_s)).to_dict())
+
+    async def rotate_secret(self, request: web.Request) -> web.Response:
+        await self._admin(request)
+        app_id = validation.check_app_id(request.match_info["id"])
+        overlap_s = validation.rotation_window(await self._body(request, allow_empty=True), "overlap_s")
+        return json_response((await self.p.registry.rotate_secret(app_id, overlap_s)).to_dict())
 
 
 def make_app(parts: CenterParts, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:

@@ -417,6 +417,14 @@ def list_limit(text: str | None, default: int = 20) -> int:
     return int(text)
 
 
+MAX_ROTATION_WINDOW_S = 30 * 86400  # an overlap longer than a month is a forgotten rotation
+
+
+def rotation_window(data: dict[str, Any], key: str) -> int:
+    """``grace_s`` of a key rotation or ``overlap_s`` of a secret rotation: seconds, 0 = none."""
+    return _int(data, key, 0, 0, MAX_ROTATION_WINDOW_S)
+
+
 def parse_msg_id(text: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 20:
         raise InvalidRequest("message id must be a decimal number", "bad_msg_id")

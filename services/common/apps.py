@@ -14,6 +14,8 @@ import secrets
 import time
 from dataclasses import asdict, dataclass
 
+from services.common.tokens import SigningSecret
+
 REDIS_KEY = "pylon:apps"
 _APP_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
@@ -31,6 +33,18 @@ class App:
     # deliveries per second of one broadcast across all room instances (0 = unlimited): keeps the
     # reactions of millions of clients from hitting the app's own servers at once
     broadcast_deliveries_per_s: int = 0
+
+    # secret rotation: tokens signed with the secret before the last rotation still verify until
+    # previous_secret_until (unix seconds); `secret` is then a SigningSecret that carries both
+    previous_secret: str = ""
+    previous_secret_until: int = 0
+
+    def __post_init__(self) -> None:
+        if self.previous_secret:
+            secret = SigningSecret(str(self.secret), self.previous_secret, self.previous_secret_until)
+        else:
+            secret = str(self.secret)
+        object.__setattr__(self, "secret", secret)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 
+from services.common import tokens
 from services.common.config import CommonConfig
 from services.launcher import backing, procs, prometheus
 
@@ -363,25 +364,44 @@ class LocalCluster:
         return app
 
     def _verified_app(self, app: dict) -> dict | None:
-        """``app`` if it still exists with that secret and API key; with a new API key if only
-        the key no longer works (rotated); None if the app is gone (its database was lost)."""
+        """``app`` if it still exists with that secret and API key; with a new API key or secret
+        if the stored one no longer works (rotated); None if the app is gone (its database was lost).
+        Center never shows a secret again after create and rotate, so a token it mints is the check."""
         status, body = self.api("GET", f"/v1/apps/{app['id']}")
         if status == 404:
             log.warning("demo app %s no longer exists; creating a new one", app["id"])
             return None
         if status != 200:
             raise RuntimeError(f"checking the demo app {app['id']} failed: {status} {body}")
-        app = {**app, "secret": body.get("secret", app["secret"])}
         status, body = self.api("POST", "/v1/tokens", {"uid": "launcher-check", "app": app["id"]}, key=app["api_key"])
         if status == 200:
-            return app
+            return self._with_current_secret(app, body.get("token", ""))
         if status not in (401, 403):  # 403: the stored key belongs to another app
             raise RuntimeError(f"checking the demo app's API key failed: {status} {body}")
         status, body = self.api("POST", f"/v1/apps/{app['id']}/rotate-key")
         if status != 200:
             raise RuntimeError(f"the demo app's API key no longer works and rotating it failed: {status} {body}")
         log.warning("the demo app's stored API key no longer works (rotated?); it has a new one")
-        return {**app, "api_key": body["api_key"]}
+        app = {**app, "api_key": body["api_key"]}
+        status, body = self.api("POST", "/v1/tokens", {"uid": "launcher-check", "app": app["id"]}, key=app["api_key"])
+        return self._with_current_secret(app, body.get("token", "") if status == 200 else "")
+
+    def _with_current_secret(self, app: dict, token: str) -> dict:
+        """``app``, with a new secret if a token center signed does not verify with the stored one."""
+        try:
+            parsed = tokens.ParsedToken(token)
+        except tokens.TokenError:
+            return app  # nothing to check against
+        try:
+            parsed.check(app["secret"])
+            return app
+        except tokens.TokenError:
+            pass
+        status, body = self.api("POST", f"/v1/apps/{app['id']}/rotate-secret")
+        if status != 200:
+            raise RuntimeError(f"the demo app's secret no longer works and rotating it failed: {status} {body}")
+        log.warning("the demo app's stored secret no longer signs its tokens (rotated?); it has a new one")
+        return {**app, "secret": body["secret"]}
 
     def local_json(self) -> dict:
         return {"center": self.center_url, "dispatcher": self.dispatcher_url, "app": self.app,

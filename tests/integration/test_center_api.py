@@ -116,11 +116,13 @@ async def test_admin_creates_app_once(center):
     assert body["webhook_url"] == "http://127.0.0.1:9/h" and body["status_events"] is True
     status, err, _ = await call(center, "POST", "/v1/apps", {"id": app_id}, key=ADMIN_KEY)
     assert_error(status, err, 409, "app_exists")
-    # listed without the API key; published to Redis for rooms and coordinators
+    # listed and read without the secret or the API key (shown once, above); published to Redis for rooms
     status, listing, _ = await call(center, "GET", "/v1/apps", key=ADMIN_KEY)
     assert status == 200
     (mine,) = [a for a in listing["apps"] if a["id"] == app_id]
-    assert "api_key" not in mine and mine["secret"] == body["secret"]
+    assert "api_key" not in mine and "secret" not in mine and mine["webhook_url"] == body["webhook_url"]
+    status, one, _ = await call(center, "GET", f"/v1/apps/{app_id}", key=ADMIN_KEY)
+    assert status == 200 and one["id"] == app_id and "secret" not in one and "api_key" not in one
     client = runtime.redis_client(center.common.redis_url)
     try:
         published = json.loads(await client.hget("pylon:apps", app_id))
