@@ -58,6 +58,8 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_APP = 12
     UID_MISMATCH = 13
     NOT_BOUND = 14  # the frame names an app this connection is not bound to (non-fatal)
+    # access policy at connect (fatal; retry_after_ms says when to come back)
+    ACCESS_DENIED = 15  # the source address is on the deny list, or not on the allow list
     # time limits (fatal)
     HANDSHAKE_TIMEOUT = 20
     IDLE_TIMEOUT = 21
@@ -66,6 +68,8 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 31
     UNAVAILABLE = 32
     SLOW_CONSUMER = 33
+    TOO_MANY_CONNECTIONS = 34  # this source address holds as many (or as many unauthenticated) as allowed
+    INSTANCE_FULL = 35  # the instance is at its connection cap: try another address
     # request-level failures (non-fatal)
     UPSTREAM_REJECTED = 40
     TOO_MANY_ITEMS = 41

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.config import require
+
+HEADER_MIN = 256  # the smallest max_auth_frame: a 12-byte header and a short token
 
 
 @dataclass
@@ -87,6 +89,30 @@ class RoomConfig:
     resume_secret: str = ""
     # How often an instance asks register for its epoch when no registration told it lately.
     register_check_s: float = 2.0
+    # TLS for clients (DESIGN.md §5): instance i also serves TLS on tls_port + i when tls_port,
+    # tls_cert and tls_key are set; SIGHUP reads the certificate and key again (new handshakes use
+    # them, open connections stay).
+    tls_port: int = 0
+    tls_cert: str = ""             # PEM certificate chain
+    tls_key: str = ""              # PEM private key
+    # Access policy at accept time (services/room/access.py), per instance. Phones behind carrier
+    # NAT share one address by the thousand, so the per-address limits are generous; a flood from
+    # one address is still held to a few percent of an instance.
+    max_connections: int = 0       # the instance's cap; 0 = the open-file limit minus fd_reserve
+    fd_reserve: int = 512          # descriptors kept for gRPC, Redis, metrics and listeners
+    connect_rate_per_ip: float = 100.0  # new connections per second per source address; 0 = no limit
+    connect_burst_per_ip: float = 500.0  # the bucket's size: a burst after a network change
+    max_connections_per_ip: int = 2000   # open connections per source address; 0 = unlimited
+    max_preauth_per_ip: int = 256  # connections per source address that have not finished AUTH; 0 = unlimited
+    allow_cidrs: list[str] = field(default_factory=list)  # non-empty: only these source addresses
+    deny_cidrs: list[str] = field(default_factory=list)   # never these (wins over allow)
+    access_exempt_cidrs: list[str] = field(default_factory=list)  # no per-address limits (your own probes, proxies)
+    max_tracked_ips: int = 65_536  # source addresses remembered (buckets, counts); bounded, pruned
+    access_retry_ms: int = 5_000   # retry-after of TOO_MANY_CONNECTIONS
+    denied_retry_ms: int = 600_000  # retry-after of ACCESS_DENIED
+    # The largest frame accepted before AUTH_OK (an AUTH carries a token, a uid and a few apps):
+    # a client that has not authenticated cannot make the room buffer max_frame bytes.
+    max_auth_frame: int = 16_384
 
     def validate(self) -> None:
         require(0 <= self.port < 65536, "room.port", "must be a TCP port")
@@ -113,6 +139,35 @@ class RoomConfig:
         require(0 <= self.resume_hold_bytes <= 64 * 1024 * 1024, "room.resume_hold_bytes", "must be within 0..64 MiB")
         require(0 <= self.drain_handover_s <= 300, "room.drain_handover_s", "must be within 0..300 s")
         require(0.2 <= self.register_check_s <= 60, "room.register_check_s", "must be within 0.2..60 s")
+        require(0 <= self.tls_port < 65536, "room.tls_port", "must be a TCP port (0 = no TLS)")
+        if self.tls_port:
+            require(bool(self.tls_cert and self.tls_key), "room.tls_cert",
+                    "tls_port needs tls_cert and tls_key (PEM files)")
+        require(self.max_connections >= 0, "room.max_connections", "must be >= 0 (0 = from the open-file limit)")
+        require(0 <= self.fd_reserve <= 100_000, "room.fd_reserve", "must be within 0..100000")
+        require(0 <= self.connect_rate_per_ip <= 1e6, "room.connect_rate_per_ip", "must be within 0..1e6 (0 = no limit)")
+        require(1 <= self.connect_burst_per_ip <= 1e7, "room.connect_burst_per_ip", "must be within 1..1e7")
+        require(self.max_connections_per_ip >= 0, "room.max_connections_per_ip", "must be >= 0 (0 = unlimited)")
+        require(self.max_preauth_per_ip >= 0, "room.max_preauth_per_ip", "must be >= 0 (0 = unlimited)")
+        require(1024 <= self.max_tracked_ips <= 10_000_000, "room.max_tracked_ips", "must be within 1024..10000000")
+        require(0 <= self.access_retry_ms <= 3_600_000, "room.access_retry_ms", "must be within 0..3600000")
+        require(0 <= self.denied_retry_ms <= 86_400_000, "room.denied_retry_ms", "must be within 0..86400000")
+        require(HEADER_MIN <= self.max_auth_frame <= self.max_frame, "room.max_auth_frame",
+                "must be within 256..max_frame")
+        from services.room.access import check_cidrs
+
+        for name in ("allow_cidrs", "deny_cidrs", "access_exempt_cidrs"):
+            value = getattr(self, name)
+            require(isinstance(value, list) and all(isinstance(v, str) for v in value), f"room.{name}",
+                    "must be a list of CIDR blocks such as [\"10.0.0.0/8\", \"2001:db8::/32\"]")
+            bad = check_cidrs(value)
+            require(not bad, f"room.{name}", f"{bad!r} is not a CIDR block or address")
+
+    def connection_cap(self, open_files: int) -> int:
+        """The instance's connection cap: ``max_connections``, or what the open-file limit leaves."""
+        if self.max_connections:
+            return self.max_connections
+        return max(1, open_files - self.fd_reserve)
 
     def heartbeat_for(self, net: str) -> int:
         """Interval for a network type; ``net`` lower-cased by the caller ("WIFI" is wifi)."""

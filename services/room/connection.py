@@ -13,9 +13,11 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from services.common.codec import FrameError, split
-from services.room.session import CLOSED, Session
+from services.room import metrics as m
+from services.room.session import CLOSED, OPEN, Session
 
 if TYPE_CHECKING:
+    from services.room.access import SourceState
     from services.room.core import RoomInstance
 
 
@@ -23,13 +25,15 @@ class ClientConnection(asyncio.Protocol):
     # one per process; a class attribute costs no slot per connection
     room: RoomInstance
 
-    __slots__ = ("transport", "buf", "session", "paused")
+    __slots__ = ("transport", "buf", "session", "paused", "source", "preauth")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.session = Session(self)
         self.paused = False          # write buffer over its limit: the client is not reading
+        self.source: SourceState | None = None  # its source address's access-policy state (counted there)
+        self.preauth = False         # counted as unauthenticated in ``source``
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
@@ -43,7 +47,9 @@ class ClientConnection(asyncio.Protocol):
             data = self.buf + data
         room = self.room
         try:
-            frames, used = split(data, room.max_frame)
+            # before AUTH_OK only an AUTH is valid, and it is small: a client that has not
+            # authenticated cannot make the room hold max_frame bytes for it
+            frames, used = split(data, room.max_frame if session.state == OPEN else room.max_auth_frame)
         except FrameError as exc:
             room.fail(session, exc.code, exc.message)
             return
@@ -63,3 +69,18 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+
+
+class TlsClientConnection(ClientConnection):
+    """The same protocol on the TLS port: the transport has decrypted the bytes already (it is
+    made after the TLS handshake). Only counted apart."""
+
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        m.TLS_CONNECTIONS.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        m.TLS_CONNECTIONS.dec()
+        super().connection_lost(exc)

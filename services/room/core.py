@@ -24,6 +24,7 @@ from services.common.pb import client_pb2 as cpb
 from services.common.pb import internal_pb2 as ipb
 from services.room import metrics as m
 from services.room import resume
+from services.room.access import AccessPolicy, Refusal, open_file_limit
 from services.room.app_cache import AppCache
 from services.room.config import RoomConfig
 from services.room.connection import ClientConnection
@@ -84,14 +85,18 @@ class AuthFailure(Exception):
 class RoomInstance:
     def __init__(self, cfg: RoomConfig, instance_id: str, apps: AppCache, backends,
                  clock: Callable[[], float] = time.monotonic, wall_ms: Callable[[], int] = _wall_ms,
-                 grpc_address: str = "") -> None:
+                 grpc_address: str = "", connection_cap: int = 0) -> None:
         self.cfg = cfg
         self.id = instance_id
         self.grpc_address = grpc_address  # where other instances reach this one (resume tokens name it)
         self.apps = apps
         self.backends = backends
         self.max_frame = cfg.max_frame
+        self.max_auth_frame = cfg.max_auth_frame  # frames before AUTH_OK (ClientConnection)
         self.clock = clock
+        # who may connect (services/room/access.py); the cap keeps fd_reserve descriptors free
+        self.access = AccessPolicy.from_config(cfg, connection_cap or cfg.connection_cap(open_file_limit()), clock)
+        m.CONNECTION_CAP.set(self.access.max_connections)
         self.wall_ms = wall_ms
         self.connections: set[ClientConnection] = set()   # open links, any state
         self.by_uid: dict[str, Session | list[Session]] = {}  # OPEN and DETACHED sessions
@@ -145,7 +150,7 @@ class RoomInstance:
             # each step on its own: a failing check must not stop the wheel, nor the wheel the checks
             steps = [self._advance_wheel, self.check_accept_queue, self.check_register_epoch]
             if not ticks % 10:
-                steps.append(self.check_overdue)
+                steps += [self.check_overdue, self.prune_sources]
             for step in steps:
                 try:
                     step()
@@ -170,6 +175,10 @@ class RoomInstance:
             log.warning("%d connections past their handshake deadline are still open (by state: %s); wheel size %d",
                         n, by_state, self.wheel.size)
         return n
+
+    def prune_sources(self) -> None:
+        self.access.prune()
+        m.TRACKED_SOURCES.set(len(self.access.sources))
 
     def check_accept_queue(self) -> None:
         """Read how many connections wait in the listen sockets' accept queues (TCP_INFO of a
@@ -247,8 +256,23 @@ class RoomInstance:
         if self.draining:
             self.fail(session, ErrorCode.UNAVAILABLE, "instance is draining", retry_after_ms=100)
             return
+        peer = conn.transport.get_extra_info("peername")
+        source, refusal = self.access.admit(peer[0] if isinstance(peer, tuple) else None, len(self.connections) - 1)
+        if refusal is not None:
+            self._refuse(session, refusal)
+            return
+        if source is not None:
+            conn.source, conn.preauth = source, True
         session.deadline = self._deadline(self.cfg.handshake_timeout_s)
         self.wheel.add(session)
+
+    def _refuse(self, session: Session, refusal: Refusal) -> None:
+        """The access policy said no: ERROR with the retry-after, then close (no AUTH was read)."""
+        m.access_refused[refusal.reason].inc()
+        m.closed[refusal.code].inc()
+        self.send(session, Op.ERROR, cpb.Error(code=refusal.code, message=refusal.message, fatal=True,
+                                               retry_after_ms=refusal.retry_after_ms).SerializeToString())
+        self.close(session)
 
     def _time_accept(self, conn: ClientConnection) -> None:
         sock = conn.transport.get_extra_info("socket")
@@ -278,6 +302,11 @@ class RoomInstance:
         if conn in self.connections:
             self.connections.discard(conn)
             m.CONNECTIONS.dec()
+            source = conn.source
+            if source is not None:
+                conn.source = None
+                self.access.released(source, conn.preauth)
+                conn.preauth = False
         conn.buf = b""
         t = conn.transport
         if t is not None and not t.is_closing():
@@ -554,6 +583,10 @@ class RoomInstance:
         self._load_inbox(session, session.apps)
 
     def _send_auth_ok(self, session: Session, seq: int, resumed: bool) -> None:
+        conn = session.conn
+        if conn is not None and conn.preauth:  # the link no longer counts as unauthenticated
+            conn.preauth = False
+            self.access.authenticated(conn.source)
         token = resume.mint(self.resume_secret, self.id, self.grpc_address, session.sid, session.uid,
                             self.wall_ms() // 1000)
         self.send(session, Op.AUTH_OK, cpb.AuthOk(

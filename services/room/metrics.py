@@ -148,7 +148,19 @@ CAPACITY = Family("pylon_room_connection_capacity",
 AUTH_SECONDS = Buckets("pylon_room_auth_seconds",
                        "AUTH received to AUTH_OK sent for new sessions (token check, register write)",
                        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-REGISTRY.register(_Collector([CAPACITY, AUTH_SECONDS]))
+ACCESS_REFUSED = Family("pylon_room_access_refused_total",
+                        "Connections refused at accept by the access policy (ERROR with retry-after, then closed), "
+                        "by reason: instance_full, denied, rate, per_source, preauth", "reason")
+TRACKED_SOURCES = Family("pylon_room_access_tracked_sources",
+                         "Source addresses the access policy remembers (buckets and counts; bounded by max_tracked_ips)",
+                         gauge=True)
+CONNECTION_CAP = Family("pylon_room_connection_cap",
+                        "Connections this instance accepts before answering INSTANCE_FULL (max_connections)", gauge=True)
+TLS_CONNECTIONS = Family("pylon_room_tls_connections", "Open connections on the TLS port (after the TLS handshake)",
+                         gauge=True)
+TLS_RELOADS = Family("pylon_room_tls_reloads_total", "Certificate and key reloads (SIGHUP) by result", "result")
+REGISTRY.register(_Collector([CAPACITY, AUTH_SECONDS, ACCESS_REFUSED, TRACKED_SOURCES, CONNECTION_CAP,
+                              TLS_CONNECTIONS, TLS_RELOADS]))
 
 frames_in = {int(op): FRAMES_IN.labels(op.name) for op in Op}
 frames_out = {int(op): FRAMES_OUT.labels(op.name) for op in Op}
@@ -163,6 +175,10 @@ closed_drain = CLOSED.labels("drain")
 closed_replaced = CLOSED.labels("replaced")
 closed_taken = CLOSED.labels("taken")
 closed_resume_expired = CLOSED.labels("resume_expired")
+access_refused = {reason: ACCESS_REFUSED.labels(reason)
+                  for reason in ("instance_full", "denied", "rate", "per_source", "preauth")}
+for _outcome in ("ok", "failed"):
+    TLS_RELOADS.labels(_outcome)
 for _outcome in ("same_instance", "taken", "not_found", "invalid"):
     RESUMES.labels(_outcome)
 for _outcome in ("not_bound", "accepted", "rejected"):

@@ -15,7 +15,8 @@ from services.common.codec import ErrorCode
 # The server will give the same answer however often we ask: stop instead of reconnect-looping.
 PERMANENT_CODES = frozenset({ErrorCode.BAD_TOKEN, ErrorCode.TOKEN_EXPIRED, ErrorCode.UNKNOWN_APP, ErrorCode.UID_MISMATCH})
 # The server is busy: come back after retry_after_ms.
-RETRY_LATER_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE})
+RETRY_LATER_CODES = frozenset({ErrorCode.OVERLOADED, ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE,
+                               ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.INSTANCE_FULL, ErrorCode.ACCESS_DENIED})
 
 
 class PylonError(Exception):
