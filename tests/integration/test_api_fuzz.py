@@ -3,7 +3,7 @@
 - schemathesis generates requests from each service's own OpenAPI document (valid and invalid
   bodies, parameters and headers); every answer must be a non-5xx that matches the document
   (status, content type, body schema). Examples are derandomized and bounded, so CI runs the
-  same few hundred requests every time.
+  same few hundred requests every time (``PYLON_FUZZ_EXAMPLES`` raises the bound).
 - Raw sockets send what no HTTP library will: a URL or header over aiohttp's 8,190-byte line
   limit, too many headers, a Content-Length of 10^12 or one that overflows 64 bits, bytes that
   are not HTTP. Each gets a JSON 4xx; the service's log holds no traceback and at most one
@@ -35,8 +35,9 @@ ROOT = pathlib.Path(__file__).parents[2]
 CENTER_SCHEMA = schemathesis.openapi.from_path(str(ROOT / "services" / "center" / "openapi.json"))
 DISPATCHER_SCHEMA = schemathesis.openapi.from_path(str(ROOT / "services" / "dispatcher" / "openapi.json"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-FUZZ = settings(max_examples=25, derandomize=True, database=None, deadline=None,
-                suppress_health_check=list(HealthCheck))
+# 25 examples per operation keep the module well under a minute; PYLON_FUZZ_EXAMPLES=500 digs deeper
+FUZZ = settings(max_examples=int(os.environ.get("PYLON_FUZZ_EXAMPLES", "25")), derandomize=True, database=None,
+                deadline=None, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
