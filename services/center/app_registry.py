@@ -216,6 +216,7 @@ async def rotate_api_key(pool, app_id: str, grace_s: int = 0) -> RotatedKey:
             await cur.execute("UPDATE apps SET previous_api_key_sha256 = IF(%s > 0, api_key_sha256, NULL), "
                               "previous_api_key_until = %s, api_key_sha256 = %s WHERE id = %s",
                               (until, until, apps.hash_api_key(api_key), app_id))
+    log.info("app %s: new API key; the old one works %s", app_id, f"until {until} (unix s)" if until else "no longer")
     return RotatedKey(app, api_key, until)
 
 
@@ -233,6 +234,8 @@ async def rotate_secret(pool, redis, app_id: str, overlap_s: int = 0) -> Rotated
         async with pool.acquire() as conn, conn.cursor() as cur:
             await cur.execute("UPDATE apps SET previous_secret = %s, previous_secret_until = %s, secret = %s WHERE id = %s",
                               (previous, until, str(app.secret), app_id))
+    log.info("app %s: new signing secret; tokens signed with the old one verify %s", app_id,
+             f"until {until} (unix s)" if until else "no longer")
     await _publish(redis, app)
     return RotatedSecret(app)
 
