@@ -141,10 +141,22 @@ def refused_lines(log: str) -> int:
     return sum(1 for line in log.splitlines() if "refused a request" in line)
 
 
+def refused_counts(port: int) -> dict[str, float]:
+    """``pylon_http_refused_total`` by code, from the service's own /metrics."""
+    _, _, body = raw_request(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    counts = {}
+    for line in body.decode().splitlines():
+        if line.startswith("pylon_http_refused_total{"):
+            labels, _, value = line.rpartition(" ")
+            counts[labels.split('code="')[1].split('"')[0]] = float(value)
+    return counts
+
+
 @pytest.mark.parametrize("service", ["center", "dispatcher"])
 def test_oversized_and_malformed_requests_get_json_4xx_and_no_log_flood(system, service):
     port = system.ports.center if service == "center" else system.ports.dispatcher
     log_before = system.services[service].log_text()
+    counts_before = refused_counts(port)
     started = time.monotonic()
     rounds = 5
     for _ in range(rounds):
@@ -161,5 +173,11 @@ def test_oversized_and_malformed_requests_get_json_4xx_and_no_log_flood(system, 
     assert status == 200 and json.loads(body)["status"] == "ok"
     log = system.services[service].log_text()[len(log_before):]
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-    # 50 refusals; one warning line per 10 s (the first, then one per interval that had any)
-    assert 1 <= refused_lines(log) <= 2 + int(elapsed / 10), log[-3000:]
+    # every refusal counted by its code ...
+    counts = refused_counts(port)
+    wanted: dict[str, int] = {"body_too_large": rounds}
+    for _, _, code in HOSTILE.values():
+        wanted[code] = wanted.get(code, 0) + rounds
+    assert {code: counts.get(code, 0) - counts_before.get(code, 0) for code in wanted} == wanted
+    # ... but at most one warning line per 10 s, however many arrive
+    assert refused_lines(log) <= 2 + int(elapsed / 10), log[-3000:]
