@@ -62,6 +62,8 @@ STUCK_ATTEMPTS = 3
 GAUGE_SCAN = 1000
 # a consumer that holds nothing and was idle this long is a center that died: removed from the group
 DEAD_CONSUMER_IDLE_MS = 3600 * 1000
+# how long close() waits for the worker's tasks (a blocked XREADGROUP returns within read_block_ms)
+CLOSE_WAIT_S = 3.0
 
 
 def state_key(bid: int) -> str:
@@ -282,6 +284,7 @@ class SubtaskWorker:
         self._running: dict[str, asyncio.Task] = {}   # stream entry id -> its task
         self._cache: dict[int, Broadcast | None] = {}
         self._loops: list[asyncio.Task] = []
+        self._closing = False
 
     @staticmethod
     def consumer_name(center_id: str) -> str:
@@ -299,11 +302,17 @@ class SubtaskWorker:
     async def close(self) -> None:
         """Stop reading; running sub-tasks are cancelled and stay pending, for another center to claim
         after ``claim_idle_s`` (or for this one after a restart)."""
-        for task in [*self._loops, *self._running.values()]:
-            task.cancel()
-        for task in [*self._loops, *self._running.values()]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        self._closing = True
+        pending = {*self._loops, *self._running.values()}
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while pending and time.monotonic() < deadline:
+            # again and again: redis-py finishes a command that was cancelled before it was sent
+            # (an XREADGROUP then blocks for up to read_block_ms) and may swallow the cancellation
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("%d broadcast worker tasks did not stop in %.0f s", len(pending), CLOSE_WAIT_S)
         self._loops = []
 
     async def _ensure_group(self) -> None:
@@ -318,7 +327,7 @@ class SubtaskWorker:
     # ------------------------------------------------------------ loops
 
     async def _read_loop(self) -> None:
-        while True:
+        while not self._closing:
             # wait for a free slot before reading: what is read is this center's to run
             await self._slots.acquire()
             self._slots.release()
@@ -362,7 +371,7 @@ class SubtaskWorker:
         """Keep this center's entries claimed, and take over those of centers that died."""
         every = max(0.05, self.s.claim_idle_s / 3)
         dead_check_at = 0.0
-        while True:
+        while not self._closing:
             await asyncio.sleep(every)
             try:
                 if self._running:
@@ -404,7 +413,7 @@ class SubtaskWorker:
                 await self.redis.xgroup_delconsumer(TASKS_KEY, GROUP, name)
 
     async def _gauge_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await self.refresh_gauge()
             except RedisError as exc:
@@ -458,7 +467,7 @@ class SubtaskWorker:
             return
         delay = self.s.retry_first_s
         attempt = 1
-        while True:
+        while not self._closing:
             try:
                 bc = await self._broadcast(bid)
                 if bc is None or self._clock() * 1000 >= bc.expires_ms:
@@ -541,7 +550,7 @@ class SubtaskWorker:
         """One MULTI of what ``record`` queues, tried until Redis takes it (the room call is not
         repeated for a Redis blip)."""
         delay = self.s.retry_first_s
-        while True:
+        while not self._closing:
             pipe = self.redis.pipeline(transaction=True)
             record(pipe)
             try:

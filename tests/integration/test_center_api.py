@@ -516,6 +516,7 @@ async def test_openapi_lists_every_route(center):
         ("/v1/tokens", "post"), ("/v1/push", "post"), ("/v1/broadcast", "post"), ("/v1/messages/{id}", "get"),
         ("/v1/users/{uid}", "get"), ("/v1/users/{uid}/kick", "post"), ("/v1/stats", "get"), ("/v1/apps", "post"),
         ("/v1/admin/overview", "get"), ("/v1/broadcasts/{id}", "get"), ("/v1/admin/broadcasts", "get"),
+        ("/v1/apps/{id}/rotate-secret", "post"),
         ("/v1/apps", "get"), ("/v1/apps/{id}", "get"), ("/v1/apps/{id}", "patch"), ("/v1/apps/{id}/rotate-key", "post"),
     }
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
