@@ -425,21 +425,6 @@ def rotation_window(data: dict[str, Any], key: str) -> int:
     return _int(data, key, 0, 0, MAX_ROTATION_WINDOW_S)
 
 
-def parse_broadcast_id(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 20 or not 0 < int(text) <= MAX_ID:
-        raise InvalidRequest("broadcast id must be a decimal number of at most 20 digits", "bad_broadcast_id")
-    return int(text)
-
-
-def list_limit(text: str | None, default: int = 20) -> int:
-    """The ``limit`` query parameter of a list route: 1 .. MAX_LIST_LIMIT."""
-    if text is None:
-        return default
-    if not text.isascii() or not text.isdigit() or not 1 <= int(text[:4]) <= MAX_LIST_LIMIT or len(text) > 3:
-        raise InvalidRequest(f'"limit" must be a number from 1 to {MAX_LIST_LIMIT}', "bad_limit")
-    return int(text)
-
-
 def parse_msg_id(text: str) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 20:
         raise InvalidRequest("message id must be a decimal number", "bad_msg_id")
