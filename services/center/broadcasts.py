@@ -507,8 +507,9 @@ class SubtaskWorker:
             app, payload, created, expires, total, max_per_s = values
             bc = Broadcast(bid, _s(app), bytes(payload or b""), int(created), int(expires), int(total),
                            int(max_per_s or 0))
-        if len(self._cache) >= 1000:
-            self._cache.clear()  # a few broadcasts are live at a time; the cache only saves re-reads
+        if len(self._cache) >= 256:
+            # a few broadcasts are live at a time (payloads up to 60 KiB); the cache only saves re-reads
+            self._cache.clear()
         self._cache[bid] = bc
         return bc
 
