@@ -72,6 +72,15 @@ def test_center_answers_every_generated_request_as_documented(case, system):
                            timeout=30)
 
 
+@CENTER_SCHEMA.parametrize()
+@settings(FUZZ, max_examples=5)
+def test_center_answers_requests_with_wrong_or_no_keys_as_documented(case, system):
+    # the app's key on admin routes (403), an unknown key (401), none at all (401)
+    for headers in ({"Authorization": f"Bearer {system.app['api_key']}"}, {"Authorization": "Bearer pk_not_a_key"},
+                    {"Authorization": ""}):
+        case.call_and_validate(base_url=system.center_url, headers=headers, checks=CHECKS, timeout=30)
+
+
 @DISPATCHER_SCHEMA.parametrize()
 @FUZZ
 def test_dispatcher_answers_every_generated_request_as_documented(case, system):
