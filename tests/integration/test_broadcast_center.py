@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 import uuid
 
@@ -343,6 +344,15 @@ async def test_killed_center_sub_tasks_are_taken_over(system):
 async def test_pacing_share_and_gauge(system):
     app = await new_app(system, broadcast_deliveries_per_s=1001)
     assert app["broadcast_deliveries_per_s"] == 1001 and app["broadcasts_per_min"] == 60
+    # the same fields through `pylon app create`
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.cli", "app", "create", "bcit-cli-" + uuid.uuid4().hex[:6],
+        "--broadcasts-per-min", "5", "--broadcast-rate", "7", env=system.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await cli.communicate()
+    assert cli.returncode == 0, err.decode()
+    created = json.loads(out)
+    assert (created["broadcasts_per_min"], created["broadcast_deliveries_per_s"]) == (5, 7)
     body = await broadcast(system, app)
     redis = runtime.redis_client(system.common.redis_url)
     try:
