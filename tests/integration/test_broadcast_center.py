@@ -317,11 +317,12 @@ async def test_killed_center_sub_tasks_are_taken_over(system):
         body = await broadcast(system, app)
         bid = body["broadcast_id"]
 
-        async def holder():
+        async def retried():
             entries = [e for e in await pending(system.common) if e["times_delivered"] >= 2]
-            return entries[0]["consumer"].decode() if entries else None
-        consumer = await wait_for(holder)
-        assert consumer, "the sub-task of the frozen room was never retried"
+            return entries[0] if entries else None
+        entry = await wait_for(retried)
+        assert entry, "the sub-task of the frozen room was never retried"
+        consumer, entry_id = entry["consumer"].decode(), entry["message_id"].decode()
         (victim_url, victim), = [(u, p) for u, p in system.workers.items() if consumer.endswith(f"#{p.pid}")]
         (survivor_url,) = [u for u in system.workers if u != victim_url]
         done_before = await metric(survivor_url, "pylon_broadcast_subtasks_done_total")
@@ -333,7 +334,7 @@ async def test_killed_center_sub_tasks_are_taken_over(system):
     assert done["subtasks_done"] == 2
     assert await metric(survivor_url, "pylon_broadcast_subtasks_done_total") > done_before
     assert not await stream_entries(system.common, bid)
-    assert "taking over broadcast sub-task" in system.workers[survivor_url].log_text()
+    assert f"taking over broadcast sub-task {entry_id} " in system.workers[survivor_url].log_text()
     # the killed center comes back on its port for the tests after this one
     del system.workers[victim_url]
     url, proc = _start_center(system.env, system.logs, "center-bcit-w-again", worker=True,
