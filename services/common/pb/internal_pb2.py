@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0einternal.proto\x12\x0epylon.internal\"\x07\n\x05\x45mpty\"\x12\n\x05\x43ount\x12\t\n\x01n\x18\x01 \x01(\r\"\x80\x01\n\x07Session\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63onnected_ms\x18\x06 \x01(\x04\x12\x0b\n\x03net\x18\x07 \x01(\t\"\x8d\x01\n\rStoredMessage\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x0b\n\x03\x61pp\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\ncreated_ms\x18\x05 \x01(\x04\x12\r\n\x05ttl_s\x18\x06 \x01(\r\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x11\n\tbroadcast\x18\x08 \x01(\x08\"9\n\x0cSessionBatch\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.pylon.internal.Session\"\x1d\n\rLookupRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\"F\n\x0cUserSessions\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12)\n\x08sessions\x18\x02 \x03(\x0b\x32\x17.pylon.internal.Session\":\n\x0bLookupReply\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.pylon.internal.UserSessions\"#\n\x0fInstanceRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"T\n\rRegisterReply\x12\t\n\x01n\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12)\n\x08replaced\x18\x03 \x03(\x0b\x32\x17.pylon.internal.Session\"?\n\x0cStoreRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"\x1a\n\nStoreReply\x12\x0c\n\x04seqs\x18\x01 \x03(\x04\"%\n\x08InboxKey\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\"N\n\x0bLoadRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.pylon.internal.InboxKey\x12\x17\n\x0flimit_per_inbox\x18\x02 \x01(\r\"E\n\x05Inbox\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"3\n\tLoadReply\x12&\n\x07inboxes\x18\x01 \x03(\x0b\x32\x15.pylon.internal.Inbox\"e\n\nMessageRef\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0e\n\x06msg_id\x18\x03 \x01(\x04\x12\x11\n\tbroadcast\x18\x04 \x01(\x08\x12\x1a\n\x12more_broadcast_ids\x18\x05 \x03(\x04\"7\n\x0bMessageRefs\x12(\n\x04refs\x18\x01 \x03(\x0b\x32\x1a.pylon.internal.MessageRef\"#\n\x11GetMessageRequest\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\"\xaf\x01\n\x0cMessageState\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06msg_id\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\t\x12\x0b\n\x03\x61pp\x18\x05 \x01(\t\x12\x12\n\ncreated_ms\x18\x06 \x01(\x04\x12\x12\n\nexpires_ms\x18\x07 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x10\n\x08\x61\x63ked_ms\x18\t \x01(\x04\x12\x0b\n\x03seq\x18\n \x01(\x04\">\n\x0bPushRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"\x1e\n\tPushReply\x12\x11\n\tdelivered\x18\x01 \x01(\r\"U\n\x10\x42roadcastRequest\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.pylon.internal.StoredMessage\x12\x11\n\tmax_per_s\x18\x02 \x01(\r\"M\n\x0bKickRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0b\n\x03\x61pp\x18\x04 \x01(\t\"\x1b\n\tKickReply\x12\x0e\n\x06kicked\x18\x01 \x01(\r\"J\n\x12TakeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x13\n\x0bto_instance\x18\x03 \x01(\t\"\xb4\x01\n\x0cTakenSession\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\x12.\n\x07unacked\x18\x03 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\x12.\n\x07pending\x18\x04 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\x12\x14\n\x0c\x63onnected_ms\x18\x05 \x01(\x04\x12\x11\n\tdevice_id\x18\x06 \x01(\t\"}\n\x0cUpstreamItem\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\r\n\x05ts_ms\x18\x07 \x01(\x04\"<\n\rUpstreamBatch\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.pylon.internal.UpstreamItem\"!\n\rUpstreamReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x08\"\x80\x01\n\x0bStatusEvent\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\r\n\x05ts_ms\x18\x06 \x01(\x04\x12\x10\n\x08instance\x18\x07 \x01(\t\":\n\x0bStatusBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.pylon.internal.StatusEvent2\xe3\x02\n\x08Register\x12G\n\x08Register\x12\x1c.pylon.internal.SessionBatch\x1a\x1d.pylon.internal.RegisterReply\x12=\n\x05\x45poch\x12\x15.pylon.internal.Empty\x1a\x1d.pylon.internal.RegisterReply\x12\x41\n\nUnregister\x12\x1c.pylon.internal.SessionBatch\x1a\x15.pylon.internal.Count\x12\x44\n\x06Lookup\x12\x1d.pylon.internal.LookupRequest\x1a\x1b.pylon.internal.LookupReply\x12\x46\n\x0c\x44ropInstance\x12\x1f.pylon.internal.InstanceRequest\x1a\x15.pylon.internal.Count2\xa5\x03\n\x05Saver\x12\x41\n\x05Store\x12\x1c.pylon.internal.StoreRequest\x1a\x1a.pylon.internal.StoreReply\x12\x43\n\tLoadInbox\x12\x1b.pylon.internal.LoadRequest\x1a\x19.pylon.internal.LoadReply\x12\x39\n\x03\x41\x63k\x12\x1b.pylon.internal.MessageRefs\x1a\x15.pylon.internal.Count\x12\x43\n\rMarkDelivered\x12\x1b.pylon.internal.MessageRefs\x1a\x15.pylon.internal.Count\x12M\n\nGetMessage\x12!.pylon.internal.GetMessageRequest\x1a\x1c.pylon.internal.MessageState\x12\x45\n\x0eStoreBroadcast\x12\x1c.pylon.internal.StoreRequest\x1a\x15.pylon.internal.Count2\xa1\x02\n\x04Room\x12>\n\x04Push\x12\x1b.pylon.internal.PushRequest\x1a\x19.pylon.internal.PushReply\x12H\n\tBroadcast\x12 .pylon.internal.BroadcastRequest\x1a\x19.pylon.internal.PushReply\x12>\n\x04Kick\x12\x1b.pylon.internal.KickRequest\x1a\x19.pylon.internal.KickReply\x12O\n\x0bTakeSession\x12\".pylon.internal.TakeSessionRequest\x1a\x1c.pylon.internal.TakenSession2\xd5\x01\n\x0b\x43oordinator\x12H\n\x08Upstream\x12\x1d.pylon.internal.UpstreamBatch\x1a\x1d.pylon.internal.UpstreamReply\x12<\n\x06Status\x12\x1b.pylon.internal.StatusBatch\x1a\x15.pylon.internal.Count\x12>\n\x04Kick\x12\x1b.pylon.internal.KickRequest\x1a\x19.pylon.internal.KickReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0einternal.proto\x12\x0epylon.internal\"\x07\n\x05\x45mpty\"\x12\n\x05\x43ount\x12\t\n\x01n\x18\x01 \x01(\r\"\x80\x01\n\x07Session\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12\x0c\n\x04\x61pps\x18\x04 \x03(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\x14\n\x0c\x63onnected_ms\x18\x06 \x01(\x04\x12\x0b\n\x03net\x18\x07 \x01(\t\"\x8d\x01\n\rStoredMessage\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x0b\n\x03\x61pp\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\ncreated_ms\x18\x05 \x01(\x04\x12\r\n\x05ttl_s\x18\x06 \x01(\r\x12\x0b\n\x03seq\x18\x07 \x01(\x04\x12\x11\n\tbroadcast\x18\x08 \x01(\x08\"9\n\x0cSessionBatch\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.pylon.internal.Session\"\x1d\n\rLookupRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\"F\n\x0cUserSessions\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12)\n\x08sessions\x18\x02 \x03(\x0b\x32\x17.pylon.internal.Session\":\n\x0bLookupReply\x12+\n\x05users\x18\x01 \x03(\x0b\x32\x1c.pylon.internal.UserSessions\"#\n\x0fInstanceRequest\x12\x10\n\x08instance\x18\x01 \x01(\t\"T\n\rRegisterReply\x12\t\n\x01n\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12)\n\x08replaced\x18\x03 \x03(\x0b\x32\x17.pylon.internal.Session\"?\n\x0cStoreRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"\x1a\n\nStoreReply\x12\x0c\n\x04seqs\x18\x01 \x03(\x04\"%\n\x08InboxKey\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\"N\n\x0bLoadRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.pylon.internal.InboxKey\x12\x17\n\x0flimit_per_inbox\x18\x02 \x01(\r\"E\n\x05Inbox\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12/\n\x08messages\x18\x02 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"3\n\tLoadReply\x12&\n\x07inboxes\x18\x01 \x03(\x0b\x32\x15.pylon.internal.Inbox\"e\n\nMessageRef\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0e\n\x06msg_id\x18\x03 \x01(\x04\x12\x11\n\tbroadcast\x18\x04 \x01(\x08\x12\x1a\n\x12more_broadcast_ids\x18\x05 \x03(\x04\"7\n\x0bMessageRefs\x12(\n\x04refs\x18\x01 \x03(\x0b\x32\x1a.pylon.internal.MessageRef\"#\n\x11GetMessageRequest\x12\x0e\n\x06msg_id\x18\x01 \x01(\x04\"\xaf\x01\n\x0cMessageState\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0e\n\x06msg_id\x18\x02 \x01(\x04\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0b\n\x03uid\x18\x04 \x01(\t\x12\x0b\n\x03\x61pp\x18\x05 \x01(\t\x12\x12\n\ncreated_ms\x18\x06 \x01(\x04\x12\x12\n\nexpires_ms\x18\x07 \x01(\x04\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x10\n\x08\x61\x63ked_ms\x18\t \x01(\x04\x12\x0b\n\x03seq\x18\n \x01(\x04\"_\n\x0bParkedQuery\x12\x0b\n\x03\x61pp\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x11\n\tafter_app\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x66ter_msg_id\x18\x04 \x01(\x04\x12\r\n\x05limit\x18\x05 \x01(\r\"J\n\nParkedPage\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.pylon.internal.MessageState\x12\x0c\n\x04more\x18\x02 \x01(\x08\"J\n\x0eRequeueRequest\x12\x0f\n\x07msg_ids\x18\x01 \x03(\x04\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\r\"P\n\x0cRequeueReply\x12/\n\x08requeued\x18\x01 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\x12\x0f\n\x07skipped\x18\x02 \x03(\x04\"g\n\x0eInspectRequest\x12&\n\x04keys\x18\x01 \x03(\x0b\x32\x18.pylon.internal.InboxKey\x12\x17\n\x0flimit_per_inbox\x18\x02 \x01(\r\x12\x14\n\x0cwith_payload\x18\x03 \x01(\x08\"H\n\rLiveBroadcast\x12\x14\n\x0c\x62roadcast_id\x18\x01 \x01(\x04\x12\x12\n\nexpires_ms\x18\x02 \x01(\x04\x12\r\n\x05\x61\x63ked\x18\x03 \x01(\x08\"\xa8\x01\n\tInboxView\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\r\x12-\n\x07\x65ntries\x18\x04 \x03(\x0b\x32\x1c.pylon.internal.MessageState\x12\x10\n\x08payloads\x18\x05 \x03(\x0c\x12\x31\n\nbroadcasts\x18\x06 \x03(\x0b\x32\x1d.pylon.internal.LiveBroadcast\":\n\x0cInspectReply\x12*\n\x07inboxes\x18\x01 \x03(\x0b\x32\x19.pylon.internal.InboxView\">\n\x0bPushRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\"\x1e\n\tPushReply\x12\x11\n\tdelivered\x18\x01 \x01(\r\"U\n\x10\x42roadcastRequest\x12.\n\x07message\x18\x01 \x01(\x0b\x32\x1d.pylon.internal.StoredMessage\x12\x11\n\tmax_per_s\x18\x02 \x01(\r\"M\n\x0bKickRequest\x12\x0c\n\x04uids\x18\x01 \x03(\t\x12\x13\n\x0bsession_ids\x18\x02 \x03(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0b\n\x03\x61pp\x18\x04 \x01(\t\"\x1b\n\tKickReply\x12\x0e\n\x06kicked\x18\x01 \x01(\r\"J\n\x12TakeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\t\x12\x13\n\x0bto_instance\x18\x03 \x01(\t\"\xb4\x01\n\x0cTakenSession\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\x12.\n\x07unacked\x18\x03 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\x12.\n\x07pending\x18\x04 \x03(\x0b\x32\x1d.pylon.internal.StoredMessage\x12\x14\n\x0c\x63onnected_ms\x18\x05 \x01(\x04\x12\x11\n\tdevice_id\x18\x06 \x01(\t\"\x1f\n\x0c\x44rainRequest\x12\x0f\n\x07restart\x18\x01 \x01(\x08\"J\n\nDrainReply\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\x10\n\x08sessions\x18\x02 \x01(\r\x12\x18\n\x10\x61lready_draining\x18\x03 \x01(\x08\"}\n\x0cUpstreamItem\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0b\n\x03\x61pp\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x11\n\tdevice_id\x18\x06 \x01(\t\x12\r\n\x05ts_ms\x18\x07 \x01(\x04\"<\n\rUpstreamBatch\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.pylon.internal.UpstreamItem\"!\n\rUpstreamReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x03(\x08\"\x80\x01\n\x0bStatusEvent\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x0c\n\x04\x61pps\x18\x02 \x03(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x11\n\tdevice_id\x18\x05 \x01(\t\x12\r\n\x05ts_ms\x18\x06 \x01(\x04\x12\x10\n\x08instance\x18\x07 \x01(\t\":\n\x0bStatusBatch\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.pylon.internal.StatusEvent2\xe3\x02\n\x08Register\x12G\n\x08Register\x12\x1c.pylon.internal.SessionBatch\x1a\x1d.pylon.internal.RegisterReply\x12=\n\x05\x45poch\x12\x15.pylon.internal.Empty\x1a\x1d.pylon.internal.RegisterReply\x12\x41\n\nUnregister\x12\x1c.pylon.internal.SessionBatch\x1a\x15.pylon.internal.Count\x12\x44\n\x06Lookup\x12\x1d.pylon.internal.LookupRequest\x1a\x1b.pylon.internal.LookupReply\x12\x46\n\x0c\x44ropInstance\x12\x1f.pylon.internal.InstanceRequest\x1a\x15.pylon.internal.Count2\x85\x05\n\x05Saver\x12\x41\n\x05Store\x12\x1c.pylon.internal.StoreRequest\x1a\x1a.pylon.internal.StoreReply\x12\x43\n\tLoadInbox\x12\x1b.pylon.internal.LoadRequest\x1a\x19.pylon.internal.LoadReply\x12\x39\n\x03\x41\x63k\x12\x1b.pylon.internal.MessageRefs\x1a\x15.pylon.internal.Count\x12\x43\n\rMarkDelivered\x12\x1b.pylon.internal.MessageRefs\x1a\x15.pylon.internal.Count\x12M\n\nGetMessage\x12!.pylon.internal.GetMessageRequest\x1a\x1c.pylon.internal.MessageState\x12\x45\n\x0eStoreBroadcast\x12\x1c.pylon.internal.StoreRequest\x1a\x15.pylon.internal.Count\x12\x45\n\nListParked\x12\x1b.pylon.internal.ParkedQuery\x1a\x1a.pylon.internal.ParkedPage\x12G\n\x07Requeue\x12\x1e.pylon.internal.RequeueRequest\x1a\x1c.pylon.internal.RequeueReply\x12N\n\x0eInspectInboxes\x12\x1e.pylon.internal.InspectRequest\x1a\x1c.pylon.internal.InspectReply2\xe4\x02\n\x04Room\x12>\n\x04Push\x12\x1b.pylon.internal.PushRequest\x1a\x19.pylon.internal.PushReply\x12H\n\tBroadcast\x12 .pylon.internal.BroadcastRequest\x1a\x19.pylon.internal.PushReply\x12>\n\x04Kick\x12\x1b.pylon.internal.KickRequest\x1a\x19.pylon.internal.KickReply\x12O\n\x0bTakeSession\x12\".pylon.internal.TakeSessionRequest\x1a\x1c.pylon.internal.TakenSession\x12\x41\n\x05\x44rain\x12\x1c.pylon.internal.DrainRequest\x1a\x1a.pylon.internal.DrainReply2\xd5\x01\n\x0b\x43oordinator\x12H\n\x08Upstream\x12\x1d.pylon.internal.UpstreamBatch\x1a\x1d.pylon.internal.UpstreamReply\x12<\n\x06Status\x12\x1b.pylon.internal.StatusBatch\x1a\x15.pylon.internal.Count\x12>\n\x04Kick\x12\x1b.pylon.internal.KickRequest\x1a\x19.pylon.internal.KickReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -72,36 +72,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMESSAGEREQUEST']._serialized_end=1214
   _globals['_MESSAGESTATE']._serialized_start=1217
   _globals['_MESSAGESTATE']._serialized_end=1392
-  _globals['_PUSHREQUEST']._serialized_start=1394
-  _globals['_PUSHREQUEST']._serialized_end=1456
-  _globals['_PUSHREPLY']._serialized_start=1458
-  _globals['_PUSHREPLY']._serialized_end=1488
-  _globals['_BROADCASTREQUEST']._serialized_start=1490
-  _globals['_BROADCASTREQUEST']._serialized_end=1575
-  _globals['_KICKREQUEST']._serialized_start=1577
-  _globals['_KICKREQUEST']._serialized_end=1654
-  _globals['_KICKREPLY']._serialized_start=1656
-  _globals['_KICKREPLY']._serialized_end=1683
-  _globals['_TAKESESSIONREQUEST']._serialized_start=1685
-  _globals['_TAKESESSIONREQUEST']._serialized_end=1759
-  _globals['_TAKENSESSION']._serialized_start=1762
-  _globals['_TAKENSESSION']._serialized_end=1942
-  _globals['_UPSTREAMITEM']._serialized_start=1944
-  _globals['_UPSTREAMITEM']._serialized_end=2069
-  _globals['_UPSTREAMBATCH']._serialized_start=2071
-  _globals['_UPSTREAMBATCH']._serialized_end=2131
-  _globals['_UPSTREAMREPLY']._serialized_start=2133
-  _globals['_UPSTREAMREPLY']._serialized_end=2166
-  _globals['_STATUSEVENT']._serialized_start=2169
-  _globals['_STATUSEVENT']._serialized_end=2297
-  _globals['_STATUSBATCH']._serialized_start=2299
-  _globals['_STATUSBATCH']._serialized_end=2357
-  _globals['_REGISTER']._serialized_start=2360
-  _globals['_REGISTER']._serialized_end=2715
-  _globals['_SAVER']._serialized_start=2718
-  _globals['_SAVER']._serialized_end=3139
-  _globals['_ROOM']._serialized_start=3142
-  _globals['_ROOM']._serialized_end=3431
-  _globals['_COORDINATOR']._serialized_start=3434
-  _globals['_COORDINATOR']._serialized_end=3647
+  _globals['_PARKEDQUERY']._serialized_start=1394
+  _globals['_PARKEDQUERY']._serialized_end=1489
+  _globals['_PARKEDPAGE']._serialized_start=1491
+  _globals['_PARKEDPAGE']._serialized_end=1565
+  _globals['_REQUEUEREQUEST']._serialized_start=1567
+  _globals['_REQUEUEREQUEST']._serialized_end=1641
+  _globals['_REQUEUEREPLY']._serialized_start=1643
+  _globals['_REQUEUEREPLY']._serialized_end=1723
+  _globals['_INSPECTREQUEST']._serialized_start=1725
+  _globals['_INSPECTREQUEST']._serialized_end=1828
+  _globals['_LIVEBROADCAST']._serialized_start=1830
+  _globals['_LIVEBROADCAST']._serialized_end=1902
+  _globals['_INBOXVIEW']._serialized_start=1905
+  _globals['_INBOXVIEW']._serialized_end=2073
+  _globals['_INSPECTREPLY']._serialized_start=2075
+  _globals['_INSPECTREPLY']._serialized_end=2133
+  _globals['_PUSHREQUEST']._serialized_start=2135
+  _globals['_PUSHREQUEST']._serialized_end=2197
+  _globals['_PUSHREPLY']._serialized_start=2199
+  _globals['_PUSHREPLY']._serialized_end=2229
+  _globals['_BROADCASTREQUEST']._serialized_start=2231
+  _globals['_BROADCASTREQUEST']._serialized_end=2316
+  _globals['_KICKREQUEST']._serialized_start=2318
+  _globals['_KICKREQUEST']._serialized_end=2395
+  _globals['_KICKREPLY']._serialized_start=2397
+  _globals['_KICKREPLY']._serialized_end=2424
+  _globals['_TAKESESSIONREQUEST']._serialized_start=2426
+  _globals['_TAKESESSIONREQUEST']._serialized_end=2500
+  _globals['_TAKENSESSION']._serialized_start=2503
+  _globals['_TAKENSESSION']._serialized_end=2683
+  _globals['_DRAINREQUEST']._serialized_start=2685
+  _globals['_DRAINREQUEST']._serialized_end=2716
+  _globals['_DRAINREPLY']._serialized_start=2718
+  _globals['_DRAINREPLY']._serialized_end=2792
+  _globals['_UPSTREAMITEM']._serialized_start=2794
+  _globals['_UPSTREAMITEM']._serialized_end=2919
+  _globals['_UPSTREAMBATCH']._serialized_start=2921
+  _globals['_UPSTREAMBATCH']._serialized_end=2981
+  _globals['_UPSTREAMREPLY']._serialized_start=2983
+  _globals['_UPSTREAMREPLY']._serialized_end=3016
+  _globals['_STATUSEVENT']._serialized_start=3019
+  _globals['_STATUSEVENT']._serialized_end=3147
+  _globals['_STATUSBATCH']._serialized_start=3149
+  _globals['_STATUSBATCH']._serialized_end=3207
+  _globals['_REGISTER']._serialized_start=3210
+  _globals['_REGISTER']._serialized_end=3565
+  _globals['_SAVER']._serialized_start=3568
+  _globals['_SAVER']._serialized_end=4213
+  _globals['_ROOM']._serialized_start=4216
+  _globals['_ROOM']._serialized_end=4572
+  _globals['_COORDINATOR']._serialized_start=4575
+  _globals['_COORDINATOR']._serialized_end=4788
 # @@protoc_insertion_point(module_scope)

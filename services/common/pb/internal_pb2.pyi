@@ -189,6 +189,90 @@ class MessageState(_message.Message):
     seq: int
     def __init__(self, found: _Optional[bool] = ..., msg_id: _Optional[int] = ..., state: _Optional[str] = ..., uid: _Optional[str] = ..., app: _Optional[str] = ..., created_ms: _Optional[int] = ..., expires_ms: _Optional[int] = ..., attempts: _Optional[int] = ..., acked_ms: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
+class ParkedQuery(_message.Message):
+    __slots__ = ("app", "uid", "after_app", "after_msg_id", "limit")
+    APP_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_APP_FIELD_NUMBER: _ClassVar[int]
+    AFTER_MSG_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    app: str
+    uid: str
+    after_app: str
+    after_msg_id: int
+    limit: int
+    def __init__(self, app: _Optional[str] = ..., uid: _Optional[str] = ..., after_app: _Optional[str] = ..., after_msg_id: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ParkedPage(_message.Message):
+    __slots__ = ("messages", "more")
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[MessageState]
+    more: bool
+    def __init__(self, messages: _Optional[_Iterable[_Union[MessageState, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class RequeueRequest(_message.Message):
+    __slots__ = ("msg_ids", "app", "uid", "limit")
+    MSG_IDS_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    msg_ids: _containers.RepeatedScalarFieldContainer[int]
+    app: str
+    uid: str
+    limit: int
+    def __init__(self, msg_ids: _Optional[_Iterable[int]] = ..., app: _Optional[str] = ..., uid: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class RequeueReply(_message.Message):
+    __slots__ = ("requeued", "skipped")
+    REQUEUED_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    requeued: _containers.RepeatedCompositeFieldContainer[StoredMessage]
+    skipped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, requeued: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., skipped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class InspectRequest(_message.Message):
+    __slots__ = ("keys", "limit_per_inbox", "with_payload")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_PER_INBOX_FIELD_NUMBER: _ClassVar[int]
+    WITH_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[InboxKey]
+    limit_per_inbox: int
+    with_payload: bool
+    def __init__(self, keys: _Optional[_Iterable[_Union[InboxKey, _Mapping]]] = ..., limit_per_inbox: _Optional[int] = ..., with_payload: _Optional[bool] = ...) -> None: ...
+
+class LiveBroadcast(_message.Message):
+    __slots__ = ("broadcast_id", "expires_ms", "acked")
+    BROADCAST_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_MS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    broadcast_id: int
+    expires_ms: int
+    acked: bool
+    def __init__(self, broadcast_id: _Optional[int] = ..., expires_ms: _Optional[int] = ..., acked: _Optional[bool] = ...) -> None: ...
+
+class InboxView(_message.Message):
+    __slots__ = ("uid", "app", "total", "entries", "payloads", "broadcasts")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    APP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOADS_FIELD_NUMBER: _ClassVar[int]
+    BROADCASTS_FIELD_NUMBER: _ClassVar[int]
+    uid: str
+    app: str
+    total: int
+    entries: _containers.RepeatedCompositeFieldContainer[MessageState]
+    payloads: _containers.RepeatedScalarFieldContainer[bytes]
+    broadcasts: _containers.RepeatedCompositeFieldContainer[LiveBroadcast]
+    def __init__(self, uid: _Optional[str] = ..., app: _Optional[str] = ..., total: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[MessageState, _Mapping]]] = ..., payloads: _Optional[_Iterable[bytes]] = ..., broadcasts: _Optional[_Iterable[_Union[LiveBroadcast, _Mapping]]] = ...) -> None: ...
+
+class InspectReply(_message.Message):
+    __slots__ = ("inboxes",)
+    INBOXES_FIELD_NUMBER: _ClassVar[int]
+    inboxes: _containers.RepeatedCompositeFieldContainer[InboxView]
+    def __init__(self, inboxes: _Optional[_Iterable[_Union[InboxView, _Mapping]]] = ...) -> None: ...
+
 class PushRequest(_message.Message):
     __slots__ = ("messages",)
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +336,22 @@ class TakenSession(_message.Message):
     connected_ms: int
     device_id: str
     def __init__(self, found: _Optional[bool] = ..., apps: _Optional[_Iterable[str]] = ..., unacked: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., pending: _Optional[_Iterable[_Union[StoredMessage, _Mapping]]] = ..., connected_ms: _Optional[int] = ..., device_id: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("restart",)
+    RESTART_FIELD_NUMBER: _ClassVar[int]
+    restart: bool
+    def __init__(self, restart: _Optional[bool] = ...) -> None: ...
+
+class DrainReply(_message.Message):
+    __slots__ = ("instance", "sessions", "already_draining")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_DRAINING_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    sessions: int
+    already_draining: bool
+    def __init__(self, instance: _Optional[str] = ..., sessions: _Optional[int] = ..., already_draining: _Optional[bool] = ...) -> None: ...
 
 class UpstreamItem(_message.Message):
     __slots__ = ("uid", "app", "kind", "payload", "session_id", "device_id", "ts_ms")

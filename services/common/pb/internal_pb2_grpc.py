@@ -311,6 +311,21 @@ class SaverStub:
                 request_serializer=internal__pb2.StoreRequest.SerializeToString,
                 response_deserializer=internal__pb2.Count.FromString,
                 _registered_method=True)
+        self.ListParked = channel.unary_unary(
+                '/pylon.internal.Saver/ListParked',
+                request_serializer=internal__pb2.ParkedQuery.SerializeToString,
+                response_deserializer=internal__pb2.ParkedPage.FromString,
+                _registered_method=True)
+        self.Requeue = channel.unary_unary(
+                '/pylon.internal.Saver/Requeue',
+                request_serializer=internal__pb2.RequeueRequest.SerializeToString,
+                response_deserializer=internal__pb2.RequeueReply.FromString,
+                _registered_method=True)
+        self.InspectInboxes = channel.unary_unary(
+                '/pylon.internal.Saver/InspectInboxes',
+                request_serializer=internal__pb2.InspectRequest.SerializeToString,
+                response_deserializer=internal__pb2.InspectReply.FromString,
+                _registered_method=True)
 
 
 class SaverServicer:
@@ -356,6 +371,26 @@ class SaverServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListParked(self, request, context):
+        """Operators: parked messages (MySQL, keyset pages), putting them back in their inboxes, and
+        what one user's inboxes and broadcast acks hold (Redis).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Requeue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InspectInboxes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SaverServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -388,6 +423,21 @@ def add_SaverServicer_to_server(servicer, server):
                     servicer.StoreBroadcast,
                     request_deserializer=internal__pb2.StoreRequest.FromString,
                     response_serializer=internal__pb2.Count.SerializeToString,
+            ),
+            'ListParked': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParked,
+                    request_deserializer=internal__pb2.ParkedQuery.FromString,
+                    response_serializer=internal__pb2.ParkedPage.SerializeToString,
+            ),
+            'Requeue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Requeue,
+                    request_deserializer=internal__pb2.RequeueRequest.FromString,
+                    response_serializer=internal__pb2.RequeueReply.SerializeToString,
+            ),
+            'InspectInboxes': grpc.unary_unary_rpc_method_handler(
+                    servicer.InspectInboxes,
+                    request_deserializer=internal__pb2.InspectRequest.FromString,
+                    response_serializer=internal__pb2.InspectReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -562,6 +612,87 @@ class Saver:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def ListParked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Saver/ListParked',
+            internal__pb2.ParkedQuery.SerializeToString,
+            internal__pb2.ParkedPage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Requeue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Saver/Requeue',
+            internal__pb2.RequeueRequest.SerializeToString,
+            internal__pb2.RequeueReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InspectInboxes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Saver/InspectInboxes',
+            internal__pb2.InspectRequest.SerializeToString,
+            internal__pb2.InspectReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class RoomStub:
     """Missing associated documentation comment in .proto file."""
@@ -591,6 +722,11 @@ class RoomStub:
                 '/pylon.internal.Room/TakeSession',
                 request_serializer=internal__pb2.TakeSessionRequest.SerializeToString,
                 response_deserializer=internal__pb2.TakenSession.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pylon.internal.Room/Drain',
+                request_serializer=internal__pb2.DrainRequest.SerializeToString,
+                response_deserializer=internal__pb2.DrainReply.FromString,
                 _registered_method=True)
 
 
@@ -623,6 +759,14 @@ class RoomServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Drain this instance as on SIGTERM (an operator's request): clients get RECONNECT, the
+        process exits; restart = its supervisor starts it again at once (not counted as a crash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoomServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -645,6 +789,11 @@ def add_RoomServicer_to_server(servicer, server):
                     servicer.TakeSession,
                     request_deserializer=internal__pb2.TakeSessionRequest.FromString,
                     response_serializer=internal__pb2.TakenSession.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=internal__pb2.DrainRequest.FromString,
+                    response_serializer=internal__pb2.DrainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -755,6 +904,33 @@ class Room:
             '/pylon.internal.Room/TakeSession',
             internal__pb2.TakeSessionRequest.SerializeToString,
             internal__pb2.TakenSession.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pylon.internal.Room/Drain',
+            internal__pb2.DrainRequest.SerializeToString,
+            internal__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,
