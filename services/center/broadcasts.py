@@ -43,7 +43,7 @@ from services.center.backend import BACKEND_ERRORS, describe, unavailable
 from services.center.errors import NotFound, RateLimited
 from services.center.ratelimit import TokenBucket
 from services.common.apps import App
-from services.common.discovery import Discovery
+from services.common.discovery import Discovery, Instance
 from services.common.ids import IdGenerator
 from services.common.pb import internal_pb2 as pb
 from services.common.rpc import ServiceClient
@@ -474,15 +474,15 @@ class SubtaskWorker:
                     await self._finish(entry_id)
                     telemetry.BROADCAST_SUBTASKS_EXPIRED.inc()
                     return
-                target = await self._target(room)
-                if target is None:
+                inst = await self._instance(room)
+                if inst is None:
                     # the instance died with its sessions: they get the broadcast when they reconnect
                     await self._done(entry_id, bid, room, 0, bc.expires_ms)
                     return
                 await self.redis.hset(state_key(bid), "started", 1)
                 reply = await self.rooms.call("Broadcast", pb.BroadcastRequest(message=bc.message(),
                                                                                max_per_s=bc.max_per_s),
-                                              target=target, deadline_s=self.s.room_deadline_s)
+                                              target=inst.grpc, deadline_s=self.deadline_for(inst, bc.max_per_s))
                 await self._done(entry_id, bid, room, reply.delivered, bc.expires_ms)
                 return
             except BACKEND_ERRORS as exc:
@@ -513,14 +513,21 @@ class SubtaskWorker:
         self._cache[bid] = bc
         return bc
 
-    async def _target(self, room: str) -> str | None:
-        """The instance's gRPC address, or None once it is gone from discovery (looked at fresh
-        before concluding that: a cached list may predate the instance)."""
+    async def _instance(self, room: str) -> Instance | None:
+        """The room instance, or None once it is gone from discovery (looked at fresh before
+        concluding that: a cached list may predate the instance)."""
         for fresh in (False, True):
             for inst in await self.discovery.instances("room", fresh=fresh):
                 if inst.id == room and inst.grpc:
-                    return inst.grpc
+                    return inst
         return None
+
+    def deadline_for(self, inst: Instance, max_per_s: int) -> float:
+        """A paced fan-out takes sessions / rate seconds before the room answers: the deadline
+        grows with it (half as much again, plus 2 s), never below ``room_deadline_s``."""
+        if max_per_s <= 0:
+            return self.s.room_deadline_s
+        return max(self.s.room_deadline_s, inst.load / max_per_s * 1.5 + 2.0)
 
     async def _done(self, entry_id: str, bid: int, room: str, delivered: int, expires_ms: int) -> None:
         keep_until = expires_ms + KEEP_AFTER_EXPIRY_MS

@@ -1,6 +1,7 @@
 """The pure parts of center's broadcasts: progress states, pacing shares, the per-minute limit."""
 
 from services.center import broadcasts as bc
+from services.common.discovery import Instance
 
 
 def test_progress_states():
@@ -52,3 +53,12 @@ def test_message_for_the_room_is_a_broadcast_copy_with_its_ttl():
     b = bc.Broadcast(9, "a", b"p", 1_000, 61_000, 2, 5)
     m = b.message()
     assert (m.msg_id, m.app, m.payload, m.created_ms, m.ttl_s, m.broadcast, m.uid) == (9, "a", b"p", 1_000, 60, True, "")
+
+
+def test_room_deadline_grows_with_paced_fan_out():
+    worker = bc.SubtaskWorker(redis=None, rooms=None, discovery=None, consumer="c#1", tally=None,
+                              settings=bc.WorkerSettings(room_deadline_s=10.0))
+    room = Instance(service="room", id="r", load=100_000)
+    assert worker.deadline_for(room, 0) == 10.0  # unpaced
+    assert worker.deadline_for(room, 1_000) == 152.0  # 100 s of pacing, half again, 2 s
+    assert worker.deadline_for(Instance(service="room", id="r", load=10), 1_000) == 10.0
