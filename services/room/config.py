@@ -45,6 +45,15 @@ class RoomConfig:
     # long even while nothing is in flight: each call costs its fixed CPU on both sides, and at
     # ~200 pushes/s an instance otherwise sent one MarkDelivered and one Ack per message.
     background_linger_ms: float = 20.0
+    # Broadcasts: a fan-out gathers the broadcasts that keep arriving for its app this long (up to
+    # four times as long while they keep coming), so a burst leaves as a few PUSH frames per
+    # session, each carrying several, instead of one frame (and one client ACK) per broadcast.
+    broadcast_linger_ms: float = 25.0
+    # What clients ack of broadcasts is gathered per (uid, app) this long before it goes to saver:
+    # a burst of broadcasts acked frame by frame costs one saver write per user, not one per frame.
+    # A crash of the instance loses at most this much: those copies come again at the next login
+    # (the SDK drops them by msg_id).
+    broadcast_ack_linger_ms: float = 1000.0
     # Registrations and inbox loads (the connect path): every call costs ~150-500 us of CPU on
     # each side whatever it carries, and a host of 56 instances sees under a hundred connects per
     # second per instance even in a storm. So while an instance sees storm_connects_per_s or more,
@@ -127,7 +136,8 @@ class RoomConfig:
         require(self.handshake_timeout_s >= 1, "room.handshake_timeout_s", "must be >= 1")
         require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
         require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
-        for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms", "background_linger_ms"):
+        for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms", "background_linger_ms",
+                     "broadcast_linger_ms", "broadcast_ack_linger_ms"):
             require(0 <= getattr(self, name) <= 5000, f"room.{name}", "must be within 0..5000 ms")
         require(self.storm_batch_items >= 1, "room.storm_batch_items", "must be >= 1")
         require(0 < self.storm_rtt_factor <= 1000, "room.storm_rtt_factor", "must be within (0, 1000]")

@@ -35,6 +35,8 @@ from services.room.wheel import HeartbeatWheel
 log = logging.getLogger(__name__)
 
 MAX_IDS_PER_ACK = 4096
+# (uid, app) pairs whose broadcast acks may wait for the linger at most; more go to saver at once
+MAX_GATHERED_BROADCAST_ACKS = 50_000
 # Keep a PUSH frame this far under max_frame so that header and protobuf framing always fit.
 PUSH_FRAME_SLACK = 512
 # The accept rate a shedding decision assumes at least: a quiet instance accepts ~0/s, and must
@@ -103,7 +105,10 @@ class RoomInstance:
         # app -> its OPEN and DETACHED sessions (an insertion-ordered set): a broadcast's fan-out
         # visits these, never every connection
         self.by_app: dict[str, dict[Session, None]] = {}
-        self.fanout = BroadcastFanout(self, wall_ms=wall_ms)
+        self.fanout = BroadcastFanout(self, wall_ms=wall_ms, linger_s=cfg.broadcast_linger_ms / 1000)
+        # (uid, app) -> broadcast ids acked and not yet sent to saver (see broadcast_ack_linger_ms)
+        self._bc_acks: dict[tuple[str, str], list[int]] = {}
+        self._bc_ack_timer: asyncio.TimerHandle | None = None
         self.sessions = 0   # OPEN
         self.detached = 0   # DETACHED
         self.wheel = HeartbeatWheel(int(clock()))
@@ -236,6 +241,7 @@ class RoomInstance:
         for conn in list(self.connections):
             self.close(conn.session)
             self._drop_link(conn)
+        self.flush_broadcast_acks()
         return len(held)
 
     async def stop(self) -> None:
@@ -1192,13 +1198,38 @@ class RoomInstance:
                     session.held_bytes -= len(h.payload)
                 n += 1
         if broadcasts:
-            for app, bids in broadcasts.items():
-                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=app, msg_id=bids[0], broadcast=True,
-                                                               more_broadcast_ids=bids[1:]))
+            self._gather_broadcast_acks(uid, broadcasts)
         if n:
             m.ACKS.inc(n)
         if not unacked:
             session.unacked = None  # an emptied dict keeps its table (~37 KB after 1,000 entries)
+
+    def _gather_broadcast_acks(self, uid: str, broadcasts: dict[str, list[int]]) -> None:
+        """Broadcast acks wait ``broadcast_ack_linger_ms`` per (uid, app), one timer for the whole
+        instance, so the acks of a burst reach saver as one ref per user."""
+        pending = self._bc_acks
+        for app, bids in broadcasts.items():
+            have = pending.get((uid, app))
+            if have is None:
+                pending[(uid, app)] = bids
+            else:
+                have += bids
+        linger = self.cfg.broadcast_ack_linger_ms / 1000
+        if linger <= 0 or len(pending) >= MAX_GATHERED_BROADCAST_ACKS:
+            self.flush_broadcast_acks()
+        elif self._bc_ack_timer is None:
+            self._bc_ack_timer = asyncio.get_running_loop().call_later(linger, self.flush_broadcast_acks)
+
+    def flush_broadcast_acks(self) -> None:
+        if self._bc_ack_timer is not None:
+            self._bc_ack_timer.cancel()
+            self._bc_ack_timer = None
+        pending, self._bc_acks = self._bc_acks, {}
+        for (uid, app), bids in pending.items():
+            for i in range(0, len(bids), MAX_IDS_PER_ACK):
+                part = bids[i:i + MAX_IDS_PER_ACK]
+                self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=app, msg_id=part[0], broadcast=True,
+                                                               more_broadcast_ids=part[1:]))
 
     def _on_bind(self, session: Session, frame: Frame) -> None:
         req = cpb.Bind.FromString(frame.body)

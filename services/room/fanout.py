@@ -34,9 +34,11 @@ FRAME_SLACK = 512
 
 
 class BroadcastFanout:
-    def __init__(self, room, slice_sessions: int = 2000, wall_ms: Callable[[], int] | None = None) -> None:
+    def __init__(self, room, slice_sessions: int = 2000, wall_ms: Callable[[], int] | None = None,
+                 linger_s: float = 0.0) -> None:
         self.room = room
         self.slice_sessions = slice_sessions
+        self.linger_s = linger_s
         self._wall_ms = wall_ms or (lambda: int(time.time() * 1000))
         self._queued: dict[str, list[tuple[ipb.StoredMessage, int, asyncio.Future]]] = {}
         self._running: set[str] = set()
@@ -62,9 +64,22 @@ class BroadcastFanout:
                 task.add_done_callback(self._tasks.discard)
         return await asyncio.shield(fut)
 
+    async def _gather(self, app: str) -> None:
+        """Wait while broadcasts for ``app`` keep arriving: linger_s after the last one, at most
+        four lingers in all (a quiet system waits one linger)."""
+        if self.linger_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 4 * self.linger_s
+        seen = -1
+        while (n := len(self._queued.get(app, ()))) != seen and loop.time() < give_up:
+            seen = n
+            await asyncio.sleep(min(self.linger_s, max(0.0, give_up - loop.time())))
+
     async def _run(self, app: str) -> None:
         try:
             while True:
+                await self._gather(app)
                 queue = self._queued.pop(app, None)
                 if not queue:
                     return

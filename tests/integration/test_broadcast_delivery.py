@@ -82,7 +82,7 @@ async def test_a_user_offline_at_the_time_gets_it_at_connect_once_and_never_afte
     c, _ = await connect(cluster, user, room=1)
     assert [m.msg_id for m in await broadcasts_received(c, {bid})] == [bid]
     c.send(Op.ACK, cpb.Ack(msg_ids=[bid]))
-    await asyncio.sleep(0.5)  # the ack travels room -> saver in the background
+    await asyncio.sleep(1.5)  # the ack waits broadcast_ack_linger_ms (1 s) in the room, then goes to saver
     await c.close()
     for room in (0, 1):
         c, _ = await connect(cluster, user, room=room)

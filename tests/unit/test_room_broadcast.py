@@ -66,6 +66,8 @@ async def test_a_broadcast_ack_is_stored_as_a_broadcast_ref_and_the_inbox_copy_i
     h.room.deliver(a.session, [bmsg(800)])
     assert pushes(a) == []
     a.send(Op.ACK, cpb.Ack(msg_ids=[800]))
+    assert h.backends.ack.items == [], "broadcast acks gather for broadcast_ack_linger_ms"
+    h.room.flush_broadcast_acks()
     refs = [r for r, _ in h.backends.ack.items]
     assert [(r.uid, r.app, r.msg_id, r.broadcast) for r in refs] == [("alice", "app1", 800, True)]
     assert a.session.unacked is None and a.session.held_bytes == 0
@@ -81,7 +83,34 @@ async def test_an_unacked_broadcast_loaded_at_login_is_written_and_acked_like_on
     assert [(m.msg_id, m.broadcast) for m in frame] == [(5, False), (900, True)]
     assert [r.msg_id for r, _ in h.backends.delivered.items] == [5], "attempts for the unicast only"
     a.send(Op.ACK, cpb.Ack(msg_ids=[5, 900]))
+    h.room.flush_broadcast_acks()
     assert [(r.msg_id, r.broadcast) for r, _ in h.backends.ack.items] == [(5, False), (900, True)]
+
+
+async def test_broadcast_acks_of_several_frames_reach_storage_as_one_ref_per_user_and_app():
+    h = RoomHarness(broadcast_ack_linger_ms=50)
+    a = h.client()
+    a.login(apps=("app1", "app2"))
+    for bid, app in ((1301, "app1"), (1302, "app1"), (1303, "app2")):
+        await h.room.fanout.broadcast(bmsg(bid, app=app))
+    a.send(Op.ACK, cpb.Ack(msg_ids=[1301]))
+    a.send(Op.ACK, cpb.Ack(msg_ids=[1302, 1303]))
+    await asyncio.sleep(0.1)  # the linger's one timer for the instance
+    got = sorted((r.app, r.msg_id, *r.more_broadcast_ids) for r, _ in h.backends.ack.items)
+    assert got == [("app1", 1301, 1302), ("app2", 1303)] and all(r.broadcast for r, _ in h.backends.ack.items)
+
+
+async def test_a_burst_of_broadcasts_waits_the_linger_and_leaves_as_one_frame():
+    h = RoomHarness(broadcast_linger_ms=20)
+    a = h.client()
+    a.login()
+
+    async def later(i):
+        await asyncio.sleep(0.005 * i)
+        return await h.room.fanout.broadcast(bmsg(1400 + i))
+
+    assert await asyncio.gather(*(later(i) for i in range(4))) == [1] * 4
+    assert [[m.msg_id for m in f] for f in pushes(a)] == [[1400, 1401, 1402, 1403]]
 
 
 async def test_a_detached_session_holds_the_broadcast_for_its_resume_and_a_slow_one_is_dropped():
