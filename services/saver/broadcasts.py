@@ -9,10 +9,10 @@ itself. A login or BIND (LoadInbox) gets, beside the inbox, every live broadcast
 Redis keys:
     pylon:bc:m:{id}           HASH app, payload, created_ms, expires_ms (expires with the broadcast)
     pylon:bc:live:{app}       ZSET broadcast id -> expires_ms (lives as long as its last member)
-    pylon:bca:{uid}:{app}     HASH broadcast id -> its expires_ms, and "v" (write version)
+    pylon:bca:{uid}:{app}     HASH broadcast id -> its expires_ms (lives as long as the latest)
 
 MySQL: ``broadcasts`` (one row per broadcast) and ``broadcast_acks`` (one row per (app, uid):
-the acked ids packed, with the version Redis gave that state). An ack is applied in Redis
+the acked ids packed with their expiries, appended). An ack is applied in Redis
 first, then written to MySQL within the same flush; a rebuild after Redis lost its data brings
 both back. The window in between (a crash of Redis and its append-only file in the second after
 an ack) can hand that broadcast once more to the user: the SDK drops it by msg_id.
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from services.common.apps import valid_app_id
 from services.common.pb import internal_pb2
-from services.common.redis_scripts import Script, run_pipeline
+from services.common.redis_scripts import run_pipeline
 from services.common.requests import RequestError, check_count, check_uid
 from services.saver import metrics as m
 from services.saver.config import SaverConfig
@@ -58,43 +58,10 @@ def unpack_acked(blob: bytes) -> list[tuple[int, int]]:
     return [_PAIR.unpack_from(blob, i) for i in range(0, len(blob) - len(blob) % 16, 16)]
 
 
-# KEYS[1] = pylon:bca:{uid}:{app}, KEYS[2] = pylon:bc:live:{app}; ARGV = now_ms, broadcast ids.
-# Remembers the acked ids that are live broadcasts of the app; prunes what expired. Returns nil
-# when nothing changed, else {version, latest expiry, id, expiry, id, expiry, ...} (the whole
-# live acked set, for MySQL). The version only grows, also across an expired and recreated key.
-_ACK = """
-local now = tonumber(ARGV[1])
-local added = 0
-for i = 2, #ARGV do
-  local s = redis.call('ZSCORE', KEYS[2], ARGV[i])
-  if s and tonumber(s) > now then
-    added = added + redis.call('HSETNX', KEYS[1], ARGV[i], s)
-  end
-end
-if added == 0 then return false end
-local all = redis.call('HGETALL', KEYS[1])
-local out = {0, 0}
-local latest = 0
-local ver = 0
-for i = 1, #all, 2 do
-  local f = all[i]
-  local v = tonumber(all[i + 1])
-  if f == 'v' then ver = v
-  elseif v <= now then redis.call('HDEL', KEYS[1], f)
-  else
-    if v > latest then latest = v end
-    out[#out + 1] = f
-    out[#out + 1] = all[i + 1]
-  end
-end
-ver = math.max(ver + 1, now)
-redis.call('HSET', KEYS[1], 'v', ver)
-redis.call('PEXPIREAT', KEYS[1], latest)
-out[1] = ver
-out[2] = latest
-return out
-"""
-ACK = Script(_ACK)
+# A user's durable acked set holds at most this many bytes (1,024 broadcasts); past it the oldest
+# pairs (most likely expired) go. Were one of them still live and Redis lost, that user would get
+# it once more (the SDK drops it by msg_id).
+ACKED_ROW_BYTES = 16 * 1024
 
 
 class BroadcastStore:
@@ -202,10 +169,15 @@ class BroadcastStore:
                 self._prune_cache(now_ms)
             self._bodies[bid] = (app.decode(), payload or b"", int(created), int(expires))
         n = 0
+        stale: list[tuple[int, list[bytes]]] = []
         for i, acked in zip(wanted, replies[:len(wanted)], strict=True):
-            done = {int(f) for f in acked if f != b"v"} if acked else ()
+            done = {int(f) for f in acked} if acked else ()
             out = result[i]
-            for bid in live[inboxes[i][1]]:
+            ids = live[inboxes[i][1]]
+            if len(done) > len(ids) or (done and not done <= set(ids)):
+                alive = set(ids)
+                stale.append((i, [f for f in acked if int(f) not in alive]))  # acked, since expired
+            for bid in ids:
                 if bid in done:
                     continue
                 body = self._bodies.get(bid)
@@ -217,6 +189,12 @@ class BroadcastStore:
                 if len(out) >= limit:
                     break
             n += len(out)
+        if stale:
+            def build_prune(pipe) -> None:
+                for i, fields in stale:
+                    pipe.execute_command("HDEL", acked_key(*inboxes[i]), *fields)
+
+            await run_pipeline(self._redis, build_prune)
         m.BROADCASTS_LOADED.inc(n)
         return result
 
@@ -227,41 +205,76 @@ class BroadcastStore:
             del self._bodies[next(iter(self._bodies))]
 
     # ------------------------------------------------------------------ ack
+    async def _expiries(self, per_app: dict[str, set[int]], now_ms: int) -> dict[int, int]:
+        """Expiry of each acked id that is a live broadcast of its app: from the body cache, else
+        one ZMSCORE per app for the ids it lacks (a flush acks a few distinct broadcasts)."""
+        out: dict[int, int] = {}
+        ask: dict[str, list[int]] = {}
+        for app, ids in per_app.items():
+            for bid in ids:
+                body = self._bodies.get(bid)
+                if body is not None and body[0] == app:
+                    out[bid] = body[3]
+                else:
+                    ask.setdefault(app, []).append(bid)
+        if ask:
+            apps = list(ask)
+
+            def build(pipe) -> None:
+                for app in apps:
+                    pipe.execute_command("ZMSCORE", live_key(app), *ask[app])
+
+            for app, scores in zip(apps, await run_pipeline(self._redis, build), strict=True):
+                for bid, score in zip(ask[app], scores, strict=True):
+                    if score is not None:
+                        out[bid] = int(float(score))
+        return {bid: exp for bid, exp in out.items() if exp > now_ms}
+
     async def ack(self, refs: Sequence, now_ms: int) -> int:
-        """Remember acked broadcasts per (uid, app): one script per user in Redis, then one row per
-        user in one MySQL statement. Returns the acks that were new."""
+        """Remember acked broadcasts per (uid, app): one HSET (id -> its expiry) per user in Redis,
+        then one row per user in one MySQL statement (appended: the union of what each flush
+        acked, so flushes of one user through different savers may commit in any order). Ids
+        that are no live broadcast of the app are ignored. Returns the acks remembered."""
         per_user: dict[tuple[str, str], list[int]] = {}
+        per_app: dict[str, set[int]] = {}
         for r in refs:
             ids = per_user.setdefault((r.uid, r.app), [])
             ids.append(r.msg_id)
             ids += r.more_broadcast_ids
-        users = list(per_user)
+            per_app.setdefault(r.app, set()).update(ids)
+        expiry = await self._expiries(per_app, now_ms)
+        rows = []
+        for (uid, app), ids in per_user.items():
+            pairs = [(bid, expiry[bid]) for bid in dict.fromkeys(ids) if bid in expiry]
+            if pairs:
+                rows.append((uid, app, pairs, max(e for _, e in pairs)))
+        if not rows:
+            return 0
 
         def build(pipe) -> None:
-            for uid, app in users:
-                ACK.queue(pipe, [acked_key(uid, app), live_key(app)], [now_ms, *per_user[(uid, app)]])
+            for uid, app, pairs, latest in rows:
+                key = acked_key(uid, app)
+                pipe.execute_command("HSET", key, *[v for pair in pairs for v in pair])
+                # the hash lives as long as its longest-lived broadcast (NX: a new hash has no TTL)
+                pipe.execute_command("PEXPIREAT", key, latest, "NX")
+                pipe.execute_command("PEXPIREAT", key, latest, "GT")
 
-        replies = await run_pipeline(self._redis, build, (ACK,))
-        rows = []
-        for (uid, app), reply in zip(users, replies, strict=True):
-            if not reply:
-                continue
-            ver, latest, *flat = reply
-            pairs = [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
-            rows.append((app, uid, pack_acked(pairs), int(ver), int(latest)))
-        if rows:
-            def sql(conn) -> str:
-                values = ",".join(f"(X'{app.encode().hex()}',X'{uid.encode().hex()}',X'{blob.hex()}',{v},{e})"
-                                  for app, uid, blob, v, e in rows)
-                # assignments run left to right: ver last, so the IFs compare with the old one
-                return ("INSERT INTO broadcast_acks (app, uid, acked, ver, expires_ms) VALUES " + values
-                        + " ON DUPLICATE KEY UPDATE acked=IF(VALUES(ver)>ver, VALUES(acked), acked),"
-                          " expires_ms=IF(VALUES(ver)>ver, VALUES(expires_ms), expires_ms),"
-                          " ver=GREATEST(ver, VALUES(ver))")
+        await run_pipeline(self._redis, build)
 
-            await self._run_sql("broadcast_ack", sql, None, len(rows))
-        m.BROADCASTS_ACKED.inc(sum(len(ids) for ids in per_user.values()))
-        return len(rows)
+        def sql(conn) -> str:
+            values = ",".join(f"(X'{app.encode().hex()}',X'{uid.encode().hex()}',X'{pack_acked(pairs).hex()}',{e})"
+                              for uid, app, pairs, e in rows)
+            # assignments run left to right: acked sees the old expires_ms. A row whose every
+            # broadcast expired starts afresh; one that keeps growing keeps its newest pairs.
+            return ("INSERT INTO broadcast_acks (app, uid, acked, expires_ms) VALUES " + values
+                    + f" ON DUPLICATE KEY UPDATE acked=IF(expires_ms<={int(now_ms)}, VALUES(acked),"
+                      f" RIGHT(CONCAT(acked, VALUES(acked)), {ACKED_ROW_BYTES})),"
+                      " expires_ms=GREATEST(expires_ms, VALUES(expires_ms))")
+
+        await self._run_sql("broadcast_ack", sql, None, len(rows))
+        n = sum(len(pairs) for _, _, pairs, _ in rows)
+        m.BROADCASTS_ACKED.inc(n)
+        return n
 
     # ------------------------------------------------------------------ rebuild
     async def rebuild(self, now_ms: int, page: int = 1000) -> tuple[int, int]:
@@ -274,19 +287,19 @@ class BroadcastStore:
         after = (b"", b"")
         while True:
             acks = await self._select(
-                "SELECT app, uid, acked, ver, expires_ms FROM broadcast_acks WHERE expires_ms > %s "
+                "SELECT app, uid, acked, expires_ms FROM broadcast_acks WHERE expires_ms > %s "
                 "AND (app, uid) > (%s, %s) ORDER BY app, uid LIMIT %s", (now_ms, after[0], after[1], page))
             if not acks:
                 break
 
             def build(pipe, acks=acks) -> None:
-                for app, uid, blob, ver, expires in acks:
+                for app, uid, blob, expires in acks:
                     key = acked_key(uid.decode(), app.decode())
                     pairs = [(b, e) for b, e in unpack_acked(blob) if e > now_ms]
                     if not pairs:
                         continue
                     fields = [v for b, e in pairs for v in (b, e)]
-                    pipe.execute_command("HSET", key, *fields, "v", int(ver))
+                    pipe.execute_command("HSET", key, *fields)
                     pipe.execute_command("PEXPIREAT", key, int(expires))
 
             await run_pipeline(self._redis, build)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from services.common.pb import internal_pb2 as pb
+from services.saver.broadcasts import unpack_acked
 from tests.integration.test_saver import db, load, new_id, redis, saver_cfg, saver_proc, stub  # noqa: F401
 
 
@@ -44,6 +45,22 @@ async def test_a_broadcast_is_loaded_by_every_user_of_its_app_until_acked(stub, 
         assert (await cur.fetchone())[0] == 1
 
 
+async def test_acked_sets_are_a_union_one_row_per_user_and_ignore_what_is_no_live_broadcast(stub, db, redis):  # noqa: F811
+    first, second = bc(), bc()
+    await stub.StoreBroadcast(pb.StoreRequest(messages=[first, second]), timeout=5)
+    await stub.Ack(pb.MessageRefs(refs=[bc_ack("bc-union", second)]), timeout=5)
+    await stub.Ack(pb.MessageRefs(refs=[bc_ack("bc-union", first), pb.MessageRef(
+        uid="bc-union", app="bcapp", msg_id=new_id(), broadcast=True)]), timeout=5)
+    async with db.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT acked FROM broadcast_acks WHERE app=%s AND uid=%s", (b"bcapp", b"bc-union"))
+        rows = await cur.fetchall()
+    assert len(rows) == 1
+    assert {bid for bid, _ in unpack_acked(rows[0][0])} == {first.msg_id, second.msg_id}
+    assert {int(f) for f in await redis.hkeys("pylon:bca:bc-union:bcapp")} == {first.msg_id, second.msg_id}
+    left = {m.msg_id for m in await load(stub, "bc-union", apps=("bcapp",))}
+    assert not left & {first.msg_id, second.msg_id}
+
+
 async def test_unicast_and_broadcast_acks_in_one_call(stub):  # noqa: F811
     b = bc()
     await stub.StoreBroadcast(pb.StoreRequest(messages=[b]), timeout=5)
@@ -57,12 +74,14 @@ async def test_unicast_and_broadcast_acks_in_one_call(stub):  # noqa: F811
     assert b.msg_id not in left and uni.msg_id not in left
 
 
-async def test_an_expired_broadcast_is_not_loaded(stub):  # noqa: F811
+async def test_an_expired_broadcast_is_not_loaded(stub, redis):  # noqa: F811
     b = bc(ttl_s=1)
     await stub.StoreBroadcast(pb.StoreRequest(messages=[b]), timeout=5)
     assert [m.msg_id for m in await load(stub, "bc-late", apps=("bcapp",)) if m.msg_id == b.msg_id] == [b.msg_id]
+    await stub.Ack(pb.MessageRefs(refs=[bc_ack("bc-late", b)]), timeout=5)
     await asyncio.sleep(1.2)
     assert not [m for m in await load(stub, "bc-late", apps=("bcapp",)) if m.msg_id == b.msg_id]
+    assert str(b.msg_id).encode() not in await redis.hkeys("pylon:bca:bc-late:bcapp"), "pruned once expired"
 
 
 @pytest.mark.parametrize("bad, why", [

@@ -10,14 +10,13 @@ CREATE TABLE IF NOT EXISTS broadcasts (
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;
 
 -- What each (uid, app) acked of the live broadcasts: one row per user, not per broadcast.
--- acked: packed (broadcast id, its expires_ms) pairs, 16 bytes each, big-endian; ver orders the
--- writes of one row (a later state never loses to an earlier one); expires_ms = the latest
--- expiry among them (the row is swept after it).
+-- acked: packed (broadcast id, its expires_ms) pairs, 16 bytes each, big-endian, appended by each
+-- ack (a union: order does not matter; bounded, the oldest pairs go first); expires_ms = the
+-- latest expiry among them (the row is swept after it, and starts afresh when acked again).
 CREATE TABLE IF NOT EXISTS broadcast_acks (
   app         VARBINARY(64)   NOT NULL,  -- binary: uids differ by case and trailing spaces
   uid         VARBINARY(512)  NOT NULL,  -- 128 characters of utf8mb4
   acked       BLOB            NOT NULL,
-  ver         BIGINT UNSIGNED NOT NULL,
   expires_ms  BIGINT UNSIGNED NOT NULL,
   PRIMARY KEY (app, uid),
   KEY expiry (expires_ms)
