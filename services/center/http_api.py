@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from dataclasses import dataclass
 
@@ -22,8 +24,38 @@ from services.center.stats import StatsCollector
 from services.center.telemetry import Tally
 from services.center.users import UserService
 from services.center.validation import Limits
-from services.common import tokens
+from services.common import logs, tokens
 from services.common.http_guard import body_limit
+
+log = logging.getLogger(__name__)
+
+
+def request_id_middleware(prefix: str | None = None):
+    """Gives each request an id: the caller's ``X-Request-Id`` when it is sane (1-64 of
+    ``A-Za-z0-9._:-``), else ``<process prefix>-<counter>`` (a random prefix per process, so ids
+    of several centers do not collide). It is ``logs.REQUEST_ID`` while the request is handled, so
+    every line logged for it and every RPC made for it (services/common/rpc.py) carry it, and it
+    is sent back in the ``X-Request-Id`` header of every answer, errors included."""
+    prefix = prefix or os.urandom(4).hex()
+    counter = itertools.count(1)
+
+    @web.middleware
+    async def request_id(request: web.Request, handler) -> web.StreamResponse:
+        rid = logs.sane_request_id(request.headers.get(logs.HEADER)) or f"{prefix}-{next(counter):x}"
+        token = logs.REQUEST_ID.set(rid)
+        try:
+            response = await handler(request)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s: %d", request.method, request.path, response.status)
+        except web.HTTPException as exc:  # a redirect or the like: the errors middleware answers the rest
+            exc.headers[logs.HEADER] = rid
+            raise
+        finally:
+            logs.REQUEST_ID.reset(token)
+        response.headers[logs.HEADER] = rid
+        return response
+
+    return request_id
 
 
 @dataclass
@@ -218,7 +250,8 @@ class CenterApi:
 
 
 def make_app(parts: CenterParts, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
-    app = web.Application(middlewares=[make_middleware(parts.tally), body_limit(max_body_bytes)],
+    app = web.Application(middlewares=[request_id_middleware(), make_middleware(parts.tally),
+                                       body_limit(max_body_bytes)],
                           client_max_size=max_body_bytes)
     app.add_routes(CenterApi(parts).routes())
     return app

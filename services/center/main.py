@@ -29,7 +29,7 @@ from services.center.stats import StatsCollector
 from services.center.telemetry import Tally
 from services.center.users import UserService
 from services.center.validation import Limits
-from services.common import ids, metrics, mysql, runtime
+from services.common import ids, logs, metrics, mysql, runtime
 from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
 from services.common.http_guard import GuardedAppRunner
@@ -60,7 +60,7 @@ def main(args) -> int:
     except config.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    logs.setup("center", common.log_level)
+    logs.setup("center", common.log_level, common.log_format)
     if cfg.processes > 1:
         taken = port_taken(cfg.host, cfg.port)
         if taken is not None:
@@ -154,6 +154,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     metrics_addr = f"{common.advertise_host}:{metrics.bound_port(metrics_server) if metrics_server else port}"
     me = Instance(service="center", id=center_id, host=common.advertise_host, port=port, metrics=metrics_addr,
                   region=common.region)
+    logs.set_instance(me.id)
     stats.center_id = overview.center_id = me.id
     await discovery.announce(me)
     await overview.start()

@@ -10,6 +10,8 @@ items, and a failed call fails exactly the items (so the requests) it carried.
 
 Large batches are split by bytes (``rpc_batch_bytes``) and items (``rpc_batch_items``) into
 concurrent calls, as a single request's were before.
+
+The queues are ``tagged``: each call names the requests whose items it carries (logs.REQUEST_IDS).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class StoreQueue:
         self.max_batch, self.max_bytes = max_batch, max_bytes
         self.queue: Batcher[tuple[int, pb.StoredMessage]] = Batcher(
             "center_store", self._flush, max_batch=max_batch, delay_s=GATHER_S, max_pending=max_pending,
-            max_concurrent_flushes=FLUSHES_IN_FLIGHT)
+            max_concurrent_flushes=FLUSHES_IN_FLIGHT, tagged=True)
 
     async def store(self, owner: int, messages: Sequence[pb.StoredMessage]) -> None:
         """Store ``messages`` (their ``seq`` is set from the answer); raises the center error for a failure."""
@@ -125,7 +127,8 @@ class LookupQueue:
         self.register = register
         self.max_batch = max_batch
         self.queue: Batcher[str] = Batcher("center_lookup", self._flush, max_batch=max_batch, delay_s=GATHER_S,
-                                           max_pending=max_pending, max_concurrent_flushes=FLUSHES_IN_FLIGHT)
+                                           max_pending=max_pending, max_concurrent_flushes=FLUSHES_IN_FLIGHT,
+                                           tagged=True)
 
     async def lookup(self, uids: Sequence[str]) -> tuple[list[pb.UserSessions], bool]:
         """Sessions of ``uids``, and whether some of them could not be looked up."""
@@ -174,7 +177,7 @@ class RoomPushQueues:
                 self._queues = {t: b for t, b in self._queues.items() if b.pending}
             q = self._queues[target] = Batcher(
                 "center_room_push", self._flusher(target), max_batch=self.max_batch, delay_s=GATHER_S,
-                max_pending=self.max_pending, max_concurrent_flushes=FLUSHES_IN_FLIGHT)
+                max_pending=self.max_pending, max_concurrent_flushes=FLUSHES_IN_FLIGHT, tagged=True)
         return q
 
     def _flusher(self, target: str) -> Callable:

@@ -25,6 +25,12 @@ When a batch leaves (group commit, adaptive to load):
     ``busy_rtt_factor`` x srtt and at most ``busy_delay_s``. A loaded backend (srtt of tens of
     ms) thus gets few, large calls; a fast one (a few ms) keeps the wait at a few ms. Without
     ``busy_rtt_factor`` the srtt bound is off (the wait is busy_items / rate, capped).
+``tagged``: the queued batch notes the request id of each submitting call (``submit_many`` takes
+it from the caller's context, services/common/logs.py; ``submit`` takes ``tag``), and its flush
+runs with those ids as its ``logs.REQUEST_IDS``: its log lines and its RPC's metadata name the
+requests it carries. Bounded (logs.RequestIdSet) and noted per call, not per item. When one cut
+takes only part of the queue (a backlog over ``max_batch``), the rest keeps the same ids: a
+batch may then name a request whose items all left in the one before.
 At most ``max_pending`` items wait or are in flight; past that ``submit`` raises ``Overloaded``
 and the caller sheds (the 360 lesson: unbounded fan-out under jitter is what blows up memory).
 """
@@ -36,7 +42,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-from services.common import metrics
+from services.common import logs, metrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +64,8 @@ class Batcher(Generic[T]):
                  max_batch: int = 500, delay_s: float = 0.002, max_pending: int = 50_000,
                  max_concurrent_flushes: int = 4, busy_delay_s: float | None = None,
                  busy_rate: float = 0.0, busy_items: int = 0, busy_rtt_factor: float | None = None,
-                 weigh: Callable[[T], int] | None = None, max_weight: int = 0, linger_s: float = 0.0) -> None:
+                 weigh: Callable[[T], int] | None = None, max_weight: int = 0, linger_s: float = 0.0,
+                 tagged: bool = False) -> None:
         if max_batch < 1 or max_concurrent_flushes < 1 or max_pending < 1:
             raise ValueError(f"{name}: max_batch, max_concurrent_flushes and max_pending must be >= 1")
         self.name = name
@@ -78,6 +85,7 @@ class Batcher(Generic[T]):
         self._queued_weight = 0
         self._items: list[T] = []
         self._dones: list[Done | None] = []
+        self._tags: logs.RequestIdSet | None = logs.RequestIdSet() if tagged else None
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._due_at = 0.0        # loop time the armed timer fires (0: at once)
         self._hold = False  # the queued batch is held by the storm rule or linger_s (not cut by a returning flush)
@@ -106,7 +114,7 @@ class Batcher(Generic[T]):
         return self._rate
 
     # ------------------------------------------------------------ submit
-    def submit(self, item: T, done: Done | None = None) -> None:
+    def submit(self, item: T, done: Done | None = None, tag: str | None = None) -> None:
         if self._pending >= self.max_pending:
             self._shed.inc()
             raise Overloaded(f"{self.name} queue full ({self.max_pending})")
@@ -117,6 +125,8 @@ class Batcher(Generic[T]):
             self._first_at = now
         self._items.append(item)
         self._dones.append(done)
+        if tag is not None and self._tags is not None:
+            self._tags.add(tag)
         self._pending += 1
         if self.max_weight:
             w = self._weigh(item)
@@ -155,6 +165,10 @@ class Batcher(Generic[T]):
                         fut.set_result(results)
             return done
 
+        if self._tags is not None:
+            tag = logs.REQUEST_IDS.get() or logs.REQUEST_ID.get()
+            if tag is not None:
+                self._tags.add(tag)
         for i, item in enumerate(items):
             self.submit(item, completer(i))
         return await fut
@@ -219,9 +233,14 @@ class Batcher(Generic[T]):
         n = self._cut_size()
         items, dones = self._items[:n], self._dones[:n]
         del self._items[:n], self._dones[:n]
+        tags = None
+        if self._tags is not None:
+            tags = self._tags.joined() or ""
+            if not self._items:
+                self._tags = logs.RequestIdSet()
         self._depth.set(self._pending)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._run(items, dones, loop.time()))
+        task = loop.create_task(self._run(items, dones, loop.time(), tags))
         self._tasks.add(task)
         self.flushes += 1
         task.add_done_callback(self._flush_finished)
@@ -264,7 +283,15 @@ class Batcher(Generic[T]):
         else:
             self._start_flush()  # group commit: what gathered meanwhile leaves now
 
-    async def _run(self, items: list[T], dones: list[Done | None], started: float) -> None:
+    async def _run(self, items: list[T], dones: list[Done | None], started: float, tags: str | None) -> None:
+        # this task's context is a copy of whichever caller's submit cut the batch: its ids are
+        # replaced by the batch's own (none for an untagged batcher)
+        if tags is not None:
+            logs.REQUEST_IDS.set(tags or None)
+            logs.REQUEST_ID.set(None)
+        elif logs.REQUEST_IDS.get() is not None or logs.REQUEST_ID.get() is not None:
+            logs.REQUEST_IDS.set(None)
+            logs.REQUEST_ID.set(None)
         results: Sequence[Any] | None = None
         error: BaseException | None = None
         try:

@@ -36,6 +36,8 @@ class CommonConfig:
     # address other processes and clients use to reach this host
     advertise_host: str = "127.0.0.1"
     log_level: str = "INFO"
+    # "text" (one readable line per event) or "json" (one object per line, for a log shipper)
+    log_format: str = "text"
     # discovery: instances heartbeat every ttl/3 and vanish ttl seconds after the last one
     discovery_ttl_s: float = 10.0
     discovery_refresh_s: float = 2.0
@@ -49,6 +51,7 @@ class CommonConfig:
         require(self.rpc_channels_per_target >= 1, "pylon.rpc_channels_per_target", "must be >= 1")
         require(self.rpc_deadline_s > 0, "pylon.rpc_deadline_s", "must be > 0")
         require(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "pylon.log_level", "DEBUG|INFO|WARNING|ERROR")
+        require(self.log_format in ("text", "json"), "pylon.log_format", "text|json")
 
 
 def require(ok: bool, key: str, why: str) -> None:

@@ -6,12 +6,17 @@ returns a stub on a pooled channel. Every call made through ``call`` has a deadl
 timed in ``pylon_rpc_seconds``. In-flight calls per client are bounded by a semaphore so a
 burst queues here instead of piling thousands of calls on one channel (3,000 concurrent calls
 on one channel ended CANCELLED in our measurements).
+
+Request ids (services/common/logs.py): every call carries the ids of the requests it works for
+in one metadata entry, and ``start_server`` installs ``RequestIdInterceptor``, which makes them
+the ids of the call's task on the server, so the server's log lines and onward calls carry them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -19,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from services.common import metrics
+from services.common import logs, metrics
 from services.common.discovery import Discovery, Instance
 
 # 64 MiB: a push batch of 500 x 64 KiB payloads must fit
@@ -154,7 +159,7 @@ class ServiceClient:
         outcome = "ok"
         try:
             async with self._sem:
-                return await getattr(stub, method)(request, timeout=deadline_s)
+                return await getattr(stub, method)(request, timeout=deadline_s, metadata=logs.outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
             outcome = exc.code().name.lower()
             raise
@@ -162,8 +167,25 @@ class ServiceClient:
             metrics.RPC_SECONDS.labels(self.service, method, outcome).observe(time.perf_counter() - started)
 
 
+log = logging.getLogger(__name__)
+
+
+class RequestIdInterceptor(grpc.aio.ServerInterceptor):
+    """Sets ``logs.REQUEST_IDS`` from the call's metadata. grpc.aio runs the interceptors and the
+    handler in one contextvars.Context per call, so the value is the call's alone; at DEBUG one
+    line per call names the method and the ids."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        ids = logs.incoming_ids(handler_call_details.invocation_metadata)
+        if ids is not None:
+            logs.REQUEST_IDS.set(ids)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("call %s", handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
 async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]]) -> grpc.aio.Server:
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestIdInterceptor()])
     for add, servicer in add_servicers:
         add(servicer, server)
     try:

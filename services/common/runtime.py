@@ -103,5 +103,5 @@ def launch(name: str, section_cls, config_path: str | None, serve, **overrides) 
     except config.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    logs.setup(name, common.log_level)
+    logs.setup(name, common.log_level, common.log_format)
     return run(lambda stop: serve(common, cfg, stop))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from services.common import metrics, rpc, runtime
+from services.common import logs, metrics, rpc, runtime
 from services.common.config import CommonConfig
 from services.coordinator.config import CoordinatorConfig
 
@@ -74,6 +74,7 @@ async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Even
     host = common.advertise_host
     me = Instance(service="coordinator", id=f"coordinator-{host}:{grpc_port}", host=host, port=grpc_port,
                   grpc=f"{host}:{grpc_port}", metrics=f"{host}:{metrics_port}", region=common.region)
+    logs.set_instance(me.id)
     await discovery.announce(me)
     log.info("coordinator ready grpc=%s:%d metrics=%s:%d", cfg.host, grpc_port, cfg.host, metrics_port)
 

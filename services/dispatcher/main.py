@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from services.common import metrics, runtime
+from services.common import logs, metrics, runtime
 from services.common.config import CommonConfig
 from services.common.discovery import Discovery, Instance
 from services.common.http_guard import GuardedAppRunner
@@ -47,6 +47,7 @@ async def serve(common: CommonConfig, cfg: DispatcherConfig, stop: asyncio.Event
     metrics_addr = f"{common.advertise_host}:{metrics.bound_port(metrics_server) if metrics_server else port}"
     me = Instance(service="dispatcher", id=f"dispatcher-{common.advertise_host}:{port}", host=common.advertise_host,
                   port=port, metrics=metrics_addr, region=common.region)
+    logs.set_instance(me.id)
     try:
         await discovery.announce(me)
     except RedisError as exc:

@@ -25,7 +25,7 @@ def main(args) -> int:
 
 
 async def serve(common, cfg, stop: asyncio.Event) -> None:
-    from services.common import metrics, rpc, runtime
+    from services.common import logs, metrics, rpc, runtime
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
     from services.register.grpc_adapter import RegisterServicer
@@ -42,6 +42,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     adv = common.advertise_host
     inst = Instance(service="register", id=f"register-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+    logs.set_instance(inst.id)
     log.info("register serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
     try:
         # Redis may not be up yet: keep trying until it is, or until we are told to stop

@@ -35,7 +35,7 @@ def main(args) -> int:
     except config.ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 1
-    logs.setup("room", common.log_level)
+    logs.setup("room", common.log_level, common.log_format)
     if cfg.instance_count() > 1:
         from services.room.supervisor import supervise
 
@@ -58,6 +58,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
 
     host = common.advertise_host
     instance_id = f"room-{host}:{cfg.port}"
+    logs.set_instance(instance_id)
     redis = runtime.redis_client(common.redis_url, max_connections=8)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
     pool = ChannelPool(common.rpc_channels_per_target)

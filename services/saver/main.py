@@ -25,7 +25,7 @@ def main(args) -> int:
 
 
 async def serve(common, cfg, stop: asyncio.Event) -> None:
-    from services.common import metrics, mysql, rpc, runtime
+    from services.common import logs, metrics, mysql, rpc, runtime
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc
     from services.saver import metrics as saver_metrics
@@ -76,6 +76,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     adv = common.advertise_host
     inst = Instance(service="saver", id=f"saver-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+    logs.set_instance(inst.id)
     log.info("saver serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
     try:
         await _until_whole(guard, stop)

@@ -65,7 +65,7 @@ class MessageStore:
         self._stores: Batcher[tuple[list, float]] = Batcher(
             "saver_store", self._store_flush, max_batch=STORE_MAX_PENDING_CALLS, max_weight=STORE_FLUSH_MESSAGES,
             weigh=lambda call: len(call[0]), delay_s=cfg.mysql_batch_delay_s, max_pending=STORE_MAX_PENDING_CALLS,
-            max_concurrent_flushes=cfg.mysql_flush_concurrency)
+            max_concurrent_flushes=cfg.mysql_flush_concurrency, tagged=True)  # its lines name the requests
         # item: the validated refs of one Ack RPC; of one MarkDelivered RPC with its rebuild deadline
         self._acks: Batcher[list] = Batcher(
             "saver_ack", self._ack_flush, max_batch=STORE_MAX_PENDING_CALLS, max_weight=STORE_FLUSH_MESSAGES,
