@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 
 from services.common import config, logs, runtime
@@ -23,13 +24,17 @@ def add_arguments(p) -> None:
                         "connections); the dispatcher still hands out each instance's own port")
     p.add_argument("--instances", type=int, help="instance processes to start (0 = from --target-connections)")
     p.add_argument("--target-connections", type=int, help="size the instance count for this many connections")
+    p.add_argument("--tls-port", type=int, help="TLS client port (instance i listens on tls-port + i); needs --tls-cert/--tls-key")
+    p.add_argument("--tls-cert", help="PEM certificate chain for the TLS port (read again on SIGHUP)")
+    p.add_argument("--tls-key", help="PEM private key for the TLS port (read again on SIGHUP)")
 
 
 def main(args) -> int:
     from services.room.config import RoomConfig
 
     overrides = {k: getattr(args, k, None) for k in ("listen_host", "port", "grpc_port", "metrics_port", "shared_port",
-                                                      "instances", "target_connections")}
+                                                      "instances", "target_connections", "tls_port", "tls_cert",
+                                                      "tls_key")}
     try:
         common, cfg = config.load(RoomConfig, "room", args.config, **overrides)
     except config.ConfigError as exc:
@@ -43,7 +48,9 @@ def main(args) -> int:
     return runtime.run(lambda stop: serve(common, cfg, stop))
 
 
-async def serve(common, cfg, stop: asyncio.Event) -> None:
+async def serve(common, cfg, stop: asyncio.Event) -> int | None:
+    """One room instance until ``stop`` (SIGTERM, or Room.Drain); returns the exit code of a
+    requested drain (services/room/drain.py), None otherwise."""
     from services.common import metrics
     from services.common.discovery import Discovery, Instance
     from services.common.pb import internal_pb2_grpc as igrpc
@@ -51,9 +58,9 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.room import metrics as room_metrics
     from services.room.app_cache import AppCache
     from services.room.backends import RoomBackends
-    from services.room.connection import ClientConnection
+    from services.room.connection import ClientConnection, TlsClientConnection
     from services.room.core import RoomInstance
-    from services.room.drain import reconnect_frames
+    from services.room.drain import DrainRequest, reconnect_frames
     from services.room.grpc_adapter import RoomServicer
 
     host = common.advertise_host
@@ -65,6 +72,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     backends = RoomBackends(discovery, pool, cfg, common.rpc_deadline_s)
     apps = AppCache(redis, cfg.app_refresh_s)
     room = RoomInstance(cfg, instance_id, apps, backends, grpc_address=f"{host}:{cfg.grpc_port}")
+    room_metrics.export_app_sessions(room)
     if not cfg.resume_secret:
         room.resume_secret = await shared_resume_secret(redis)
 
@@ -75,25 +83,45 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     except Exception as exc:
         log.warning("could not clear stale sessions of %s: %s", instance_id, exc)
     loop = asyncio.get_running_loop()
+    tls = None
+    if cfg.tls_port:
+        from services.room.tls import ServerTls, TlsConfigError
+
+        try:
+            tls = ServerTls(cfg.tls_cert, cfg.tls_key)
+        except TlsConfigError as exc:
+            log.error("%s", exc)
+            raise SystemExit(1) from None
+        # new handshakes use the files as they are now; open connections are not touched
+        loop.add_signal_handler(signal.SIGHUP, tls.reload)
     server = await loop.create_server(ClientConnection, cfg.listen_host, cfg.port, backlog=cfg.backlog,
                                       reuse_address=True)
     servers = [server]
+    if tls is not None:
+        # the same protocol behind the TLS transport; a client silent in its TLS handshake is
+        # closed at the handshake deadline, as one that never sends AUTH
+        servers.append(await loop.create_server(TlsClientConnection, cfg.listen_host, cfg.tls_port,
+                                                backlog=cfg.backlog, reuse_address=True, ssl=tls.context,
+                                                ssl_handshake_timeout=cfg.handshake_timeout_s))
     if cfg.shared_port:
         # every instance listens here too; the kernel hashes each new connection to one of them
         servers.append(await loop.create_server(ClientConnection, cfg.listen_host, cfg.shared_port,
                                                 backlog=cfg.backlog, reuse_address=True, reuse_port=True))
     room.listeners = [sock for srv in servers for sock in srv.sockets]
+    drain_request = DrainRequest(stop)  # Room.Drain: an operator's drain takes SIGTERM's path
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
-                                     [(igrpc.add_RoomServicer_to_server, RoomServicer(room))])
+                                     [(igrpc.add_RoomServicer_to_server, RoomServicer(room, drain_request))])
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
     room_metrics.CAPACITY.set(cfg.per_instance_connections)
     me = Instance(service="room", id=instance_id, host=host, port=cfg.port, grpc=f"{host}:{cfg.grpc_port}",
                   metrics=f"{host}:{metrics.bound_port(msrv)}", region=common.region,
-                  capacity=cfg.per_instance_connections)
+                  capacity=cfg.per_instance_connections, tls_port=cfg.tls_port)
     await discovery.announce(me)
     runtime.settle_gc()
-    log.info("room %s serving clients on %s:%d%s, gRPC %d, pid %d", instance_id, cfg.listen_host, cfg.port,
-             f" and shared port {cfg.shared_port}" if cfg.shared_port else "", cfg.grpc_port, os.getpid())
+    log.info("room %s serving clients on %s:%d%s%s, gRPC %d, at most %d connections, pid %d", instance_id,
+             cfg.listen_host, cfg.port, f" and shared port {cfg.shared_port}" if cfg.shared_port else "",
+             f", TLS on {cfg.tls_port}" if cfg.tls_port else "", cfg.grpc_port, room.access.max_connections,
+             os.getpid())
 
     async def report_load() -> None:
         while True:
@@ -115,7 +143,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     await stop.wait()
 
     # Graceful drain: leave discovery first, stop accepting, send clients elsewhere, then close.
-    log.info("draining %d connections", len(room.connections))
+    log.info("draining %d connections%s", len(room.connections), " (requested through Room.Drain)" if drain_request.asked else "")
     load_task.cancel()
     if secret_task is not None:
         secret_task.cancel()
@@ -146,6 +174,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     await discovery.close()
     await redis.aclose()
     log.info("room %s stopped", instance_id)
+    return drain_request.exit_code()
 
 
 RESUME_SECRET_KEY = "pylon:room:resume_secret"

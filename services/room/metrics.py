@@ -183,3 +183,30 @@ for _outcome in ("same_instance", "taken", "not_found", "invalid"):
     RESUMES.labels(_outcome)
 for _outcome in ("not_bound", "accepted", "rejected"):
     UPSTREAM.labels(_outcome)
+
+
+class _AppSessions:
+    """``pylon_room_app_sessions{app}``: OPEN and DETACHED sessions bound to each app, read from
+    the room's app index at scrape time (nothing on the hot path). At most MAX_APPS apps, the
+    largest first."""
+
+    MAX_APPS = 1000
+
+    def __init__(self, room) -> None:
+        self.room = room
+
+    def collect(self):
+        fam = GaugeMetricFamily("pylon_room_app_sessions", "Sessions bound to each app (OPEN and DETACHED)",
+                                labels=["app"])
+        sizes = sorted(((len(members), app) for app, members in list(self.room.by_app.items())), reverse=True)
+        for n, app in sizes[:self.MAX_APPS]:
+            fam.add_metric([app], n)
+        yield fam
+
+    def describe(self):
+        return []
+
+
+def export_app_sessions(room) -> None:
+    """Export the per-app session counts of ``room`` (one room instance per process)."""
+    REGISTRY.register(_AppSessions(room))

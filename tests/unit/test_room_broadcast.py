@@ -158,3 +158,22 @@ async def test_pacing_spreads_a_fan_out_over_time():
     assert await h.room.fanout.broadcast(bmsg(1200), max_per_s=100) == 20
     # slices of 10 (a tenth of a second's worth): the second is not written before it is due, at 0.1 s
     assert loop.time() - started >= 0.099
+
+
+def test_the_app_index_follows_bind_unbind_and_close_and_is_exported_per_app():
+    from services.room.metrics import _AppSessions
+
+    h = RoomHarness()
+    a, b = h.client(), h.client()
+    a.login(uid="a")
+    b.login(uid="b", apps=("app1", "app2"))
+    assert {app: len(s) for app, s in h.room.by_app.items()} == {"app1": 2, "app2": 1}
+    b.send(Op.UNBIND, cpb.Bind(apps=["app1"]))
+    assert {app: len(s) for app, s in h.room.by_app.items()} == {"app1": 1, "app2": 1}
+    (fam,) = _AppSessions(h.room).collect()
+    assert sorted((s.labels["app"], s.value) for s in fam.samples) == [("app1", 1), ("app2", 1)]
+    h.room.kick(["a"], [], "bye")
+    b.drop()  # detached: still indexed (it gets broadcasts held for its resume)
+    assert {app: len(s) for app, s in h.room.by_app.items()} == {"app2": 1}
+    h.advance(h.cfg.resume_grace_s + 2)
+    assert h.room.by_app == {}
