@@ -17,6 +17,7 @@ COMMANDS = {
     "dispatcher": ("services.dispatcher.main", "HTTP route service: room addresses for a client"),
     "up": ("services.launcher.main", "run the whole system on this machine (Redis, MariaDB, all services)"),
     "app": ("services.center.admin_cli", "create and list apps"),
+    "admin": ("services.center.admin_ops_cli", "operator actions: parked messages, requeue, inspect a user, drain a room"),
     "status": ("services.center.status_cli", "the cluster overview in the terminal (instances, connections, rates, health)"),
 }
 

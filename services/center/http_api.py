@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.center import telemetry, validation
+from services.center import audit, telemetry, validation
+from services.center.admin_api import AdminRoutes, AdminService
 from services.center.app_registry import AppRegistry, app_view
 from services.center.auth import Authenticator, Principal
 from services.center.broadcasts import BroadcastService
@@ -74,6 +75,7 @@ class CenterParts:
     openapi: bytes = b"{}"
     dashboard: bytes = b""
     overview: OverviewCollector | None = None
+    admin: AdminService | None = None
 
 
 class CenterApi:
@@ -102,6 +104,7 @@ class CenterApi:
             web.patch("/v1/apps/{id}", self.update_app),
             web.post("/v1/apps/{id}/rotate-key", self.rotate_key),
             web.post("/v1/apps/{id}/rotate-secret", self.rotate_secret),
+            *AdminRoutes(self.p).routes(),
         ]
 
     # ------------------------------------------------------------ plumbing
@@ -204,17 +207,20 @@ class CenterApi:
         app_id = self.p.auth.app_filter(principal, body.app)
         if app_id is not None and principal.admin:
             await self.p.auth.target_app(principal, app_id)  # 404 for an unknown app
-        return json_response({"kicked": await self.p.users.kick(uid, app_id, body.reason)})
+        kicked = await self.p.users.kick(uid, app_id, body.reason)
+        audit.record(principal, "kick", uid=uid, app=app_id, reason=body.reason, kicked=kicked)
+        return json_response({"kicked": kicked})
 
     # ------------------------------------------------------------ admin
 
     async def create_app(self, request: web.Request) -> web.Response:
-        await self._admin(request)
+        principal = await self._admin(request)
         body = validation.new_app_body(await self._body(request))
         created = await self.p.registry.create(body.id, webhook_url=body.webhook_url, status_events=body.status_events,
                                                push_rate_per_s=body.push_rate_per_s,
                                                broadcasts_per_min=body.broadcasts_per_min,
                                                broadcast_deliveries_per_s=body.broadcast_deliveries_per_s)
+        audit.record(principal, "app_create", app=body.id)
         return json_response(created.to_dict(), status=201)
 
     async def list_apps(self, request: web.Request) -> web.Response:
@@ -227,26 +233,33 @@ class CenterApi:
         return json_response(app_view(app))
 
     async def update_app(self, request: web.Request) -> web.Response:
-        await self._admin(request)
+        principal = await self._admin(request)
         app_id = validation.check_app_id(request.match_info["id"])
         changes = validation.app_changes_body(await self._body(request))
         app = await self.p.registry.update(app_id, webhook_url=changes.webhook_url, status_events=changes.status_events,
                                            push_rate_per_s=changes.push_rate_per_s,
                                            broadcasts_per_min=changes.broadcasts_per_min,
                                            broadcast_deliveries_per_s=changes.broadcast_deliveries_per_s)
+        audit.record(principal, "app_update", app=app_id,
+                     fields=[k for k in ("webhook_url", "status_events", "push_rate_per_s", "broadcasts_per_min",
+                                         "broadcast_deliveries_per_s") if getattr(changes, k) is not None])
         return json_response(app_view(app))
 
     async def rotate_key(self, request: web.Request) -> web.Response:
-        await self._admin(request)
+        principal = await self._admin(request)
         app_id = validation.check_app_id(request.match_info["id"])
         grace_s = validation.rotation_window(await self._body(request, allow_empty=True), "grace_s")
-        return json_response((await self.p.registry.rotate_key(app_id, grace_s)).to_dict())
+        rotated = await self.p.registry.rotate_key(app_id, grace_s)
+        audit.record(principal, "rotate_key", app=app_id, grace_s=grace_s)
+        return json_response(rotated.to_dict())
 
     async def rotate_secret(self, request: web.Request) -> web.Response:
-        await self._admin(request)
+        principal = await self._admin(request)
         app_id = validation.check_app_id(request.match_info["id"])
         overlap_s = validation.rotation_window(await self._body(request, allow_empty=True), "overlap_s")
-        return json_response((await self.p.registry.rotate_secret(app_id, overlap_s)).to_dict())
+        rotated = await self.p.registry.rotate_secret(app_id, overlap_s)
+        audit.record(principal, "rotate_secret", app=app_id, overlap_s=overlap_s)
+        return json_response(rotated.to_dict())
 
 
 def make_app(parts: CenterParts, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:

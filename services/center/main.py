@@ -13,6 +13,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from services.center import app_registry
+from services.center.admin_api import AdminService
 from services.center.app_registry import AppRegistry
 from services.center.auth import Authenticator
 from services.center.broadcasts import BroadcastService, SubtaskWorker, WorkerSettings
@@ -130,6 +131,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
                         tally=tally, limits=Limits.from_config(cfg), broadcasts=broadcasts,
                         openapi=(HERE / "openapi.json").read_bytes(), dashboard=(HERE / "dashboard.html").read_bytes(),
                         overview=overview)
+    parts.admin = AdminService(saver=saver, rooms=rooms, users=parts.users, registry=registry, push=push)
     if not cfg.admin_key:
         log.warning("no admin key configured: admin routes (/v1/apps) are disabled")
 

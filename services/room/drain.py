@@ -40,3 +40,37 @@ def reconnect_frames(others: Sequence[Instance], region: str,
         return frame
 
     return frame_for
+
+
+# Exit codes of an instance drained on an operator's request (Room.Drain), so that its
+# supervisor tells it from a crash: start it again at once (a fresh process, not counted as a
+# restart after a death), or leave its slot empty until the supervisor itself is restarted.
+# 0 stays the exit of a SIGTERM drain; 75/76 follow sysexits' EX_TEMPFAIL and are not used
+# elsewhere.
+EXIT_DRAINED_RESTART = 75
+EXIT_DRAINED_STAY = 76
+
+
+class DrainRequest:
+    """An operator's drain of this instance: ``ask`` sets the instance's stop event (the same
+    path SIGTERM takes); ``exit_code`` is what the process then exits with (None: not asked)."""
+
+    __slots__ = ("asked", "restart", "_stop")
+
+    def __init__(self, stop) -> None:
+        self._stop = stop  # the asyncio.Event serve() waits on
+        self.asked = False
+        self.restart = True
+
+    def ask(self, restart: bool) -> bool:
+        """Start the drain; False if the instance is stopping already (nothing changes)."""
+        if self.asked or self._stop.is_set():
+            return False
+        self.asked, self.restart = True, restart
+        self._stop.set()
+        return True
+
+    def exit_code(self) -> int | None:
+        if not self.asked:
+            return None
+        return EXIT_DRAINED_RESTART if self.restart else EXIT_DRAINED_STAY

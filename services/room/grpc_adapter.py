@@ -7,14 +7,16 @@ import grpc
 from services.common.pb import internal_pb2 as ipb
 from services.common.pb import internal_pb2_grpc as igrpc
 from services.room.core import RoomInstance
+from services.room.drain import DrainRequest
 
 MAX_MESSAGES_PER_PUSH = 10_000
 MAX_KICK_ITEMS = 10_000
 
 
 class RoomServicer(igrpc.RoomServicer):
-    def __init__(self, room: RoomInstance) -> None:
+    def __init__(self, room: RoomInstance, drain: DrainRequest | None = None) -> None:
         self.room = room
+        self.drain = drain
 
     async def Push(self, request: ipb.PushRequest, context) -> ipb.PushReply:
         if len(request.messages) > MAX_MESSAGES_PER_PUSH:
@@ -37,3 +39,10 @@ class RoomServicer(igrpc.RoomServicer):
 
     async def TakeSession(self, request: ipb.TakeSessionRequest, context) -> ipb.TakenSession:
         return self.room.take_session(request)
+
+    async def Drain(self, request: ipb.DrainRequest, context) -> ipb.DrainReply:
+        if self.drain is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this room instance takes no drain requests")
+        sessions = self.room.sessions
+        started = self.drain.ask(request.restart)
+        return ipb.DrainReply(instance=self.room.id, sessions=sessions, already_draining=not started)

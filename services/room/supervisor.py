@@ -10,6 +10,9 @@ While the supervisor is not stopping, an instance that exits for any reason (kil
 drained after a SIGTERM of its own) is started again on the same ports after a backoff that grows
 while it keeps dying (``RestartBackoff``). SIGTERM/SIGINT to the supervisor are forwarded to every
 instance, which drain; the supervisor exits once all of them have, 0 when they all exited 0.
+An instance drained on an operator's request (``Room.Drain``) exits with a code of its own
+(services/room/drain.py) and is not a death: it is started again at once, or its slot stays
+empty when the request said so, with no backoff and no restart counted.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from prometheus_client import Gauge
 
 from services.common import runtime
 from services.launcher.procs import RestartBackoff, describe_exit
+from services.room.drain import EXIT_DRAINED_RESTART, EXIT_DRAINED_STAY
 
 if TYPE_CHECKING:
     from services.room.config import RoomConfig
@@ -71,6 +75,7 @@ class InstanceSlot:
     started: float = 0.0      # monotonic
     restart_at: float = 0.0   # monotonic; 0 = no restart pending
     restarts: int = 0
+    drained: bool = False     # it exited after a requested drain: the next start is not a restart
 
 
 class RoomSupervisor:
@@ -114,7 +119,14 @@ class RoomSupervisor:
             if os.getppid() != self._supervisor_pid:  # the supervisor died before prctl took effect
                 os._exit(1)
             RESTARTS.set(slot.restarts)
-            code = runtime.run(lambda stop, icfg=slot.cfg: self.serve(self.common, icfg, stop))
+            outcome: list[int | None] = []
+
+            async def serve_instance(stop, icfg=slot.cfg) -> None:
+                outcome.append(await self.serve(self.common, icfg, stop))
+
+            code = runtime.run(serve_instance)
+            if code == 0 and outcome and outcome[0] is not None:
+                code = outcome[0]  # drained on request (services/room/drain.py)
         except BaseException:
             log.exception("room instance %d failed", slot.index)
         finally:
@@ -129,6 +141,12 @@ class RoomSupervisor:
         slot.pid = 0
         if self.stopping:
             self.stop_codes.append(code)
+            return
+        if code in (EXIT_DRAINED_RESTART, EXIT_DRAINED_STAY):
+            slot.drained = True
+            slot.restart_at = time.monotonic() if code == EXIT_DRAINED_RESTART else 0.0
+            log.info("room instance %d (pid %d, port %d) drained on request; %s", slot.index, pid, slot.cfg.port,
+                     "starting a fresh one" if code == EXIT_DRAINED_RESTART else "its slot stays empty")
             return
         lived = time.monotonic() - slot.started
         delay = slot.backoff.died(lived)
@@ -149,7 +167,12 @@ class RoomSupervisor:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
-            if slot.restart_at and slot.restart_at <= now and not slot.pid:
+            if slot.restart_at and slot.restart_at <= now and not slot.pid and slot.drained:
+                slot.drained = False
+                self._fork(slot)
+                log.info("room instance %d started again after its drain as pid %d on port %d", slot.index,
+                         slot.pid, slot.cfg.port)
+            elif slot.restart_at and slot.restart_at <= now and not slot.pid:
                 slot.restarts += 1
                 self._fork(slot)
                 log.info("room instance %d restarted as pid %d on port %d (restart %d)", slot.index, slot.pid,

@@ -22,6 +22,7 @@ from services.common.outage import OutageLog
 from services.common.pb import internal_pb2, internal_pb2_grpc
 from services.saver import metrics as m
 from services.saver.errors import BackendUnavailable, Overloaded, RequestError
+from services.saver.parked import ParkedMessages
 from services.saver.store import MessageStore
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,9 @@ def rebuild_wait_s(context) -> float | None:
 
 
 class SaverServicer(internal_pb2_grpc.SaverServicer):
-    def __init__(self, store: MessageStore) -> None:
+    def __init__(self, store: MessageStore, parked: ParkedMessages | None = None) -> None:
         self.store = store
+        self.parked = parked
         # MySQL outages are logged by the journal, which sees every statement
         self._redis_outage = OutageLog("Redis")
 
@@ -100,3 +102,22 @@ class SaverServicer(internal_pb2_grpc.SaverServicer):
 
     async def GetMessage(self, request, context):
         return await self._run("GetMessage", 1, context, self.store.get(request.msg_id))
+
+    # ---------------------------------------------------------------- operators (services/saver/parked.py)
+
+    def _operator(self) -> ParkedMessages:
+        if self.parked is None:  # wiring bug: main() always gives one
+            raise RuntimeError("this SaverServicer was built without ParkedMessages")
+        return self.parked
+
+    async def ListParked(self, request, context):
+        return await self._run("ListParked", 1, context, self._operator().list(request))
+
+    async def Requeue(self, request, context):
+        requeued, skipped = await self._run("Requeue", len(request.msg_ids) or 1, context,
+                                            self._operator().requeue(request))
+        return internal_pb2.RequeueReply(requeued=requeued, skipped=skipped)
+
+    async def InspectInboxes(self, request, context):
+        views = await self._run("InspectInboxes", len(request.keys), context, self._operator().inspect(request))
+        return internal_pb2.InspectReply(inboxes=views)

@@ -34,6 +34,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     from services.saver.grpc_adapter import SaverServicer
     from services.saver.inbox import InboxStore
     from services.saver.journal import MessageJournal
+    from services.saver.parked import ParkedMessages
     from services.saver.rebuild import RedisRebuild
     from services.saver.store import MessageStore
 
@@ -72,7 +73,8 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     # meanwhile wait for it (or hear UNAVAILABLE), and discovery learns of this saver after it.
     await guard.start()
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
-                                    [(internal_pb2_grpc.add_SaverServicer_to_server, SaverServicer(store))])
+                                    [(internal_pb2_grpc.add_SaverServicer_to_server,
+                                      SaverServicer(store, ParkedMessages(redis, journal, guard, cfg)))])
     adv = common.advertise_host
     inst = Instance(service="saver", id=f"saver-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)

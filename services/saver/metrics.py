@@ -9,6 +9,7 @@ LOADED = Counter("pylon_saver_messages_loaded_total", "Messages returned by Load
 ACKED = Counter("pylon_saver_messages_acked_total", "Acks applied")
 DELIVERED = Counter("pylon_saver_messages_delivered_total", "Delivery attempts counted by MarkDelivered")
 PARKED = Counter("pylon_saver_messages_parked_total", "Messages parked after max_attempts deliveries without ack")
+REQUEUED = Counter("pylon_saver_messages_requeued_total", "Parked messages an operator put back in their inboxes")
 PRUNED = Counter("pylon_saver_inbox_pruned_total", "Inbox entries dropped at load (body gone, expired, acked or parked)")
 SWEPT = Counter("pylon_saver_mysql_swept_rows_total", "Expired rows deleted from MySQL by the sweep")
 BACKEND_ERRORS = Counter("pylon_saver_backend_errors_total", "RPCs failed by a backend", ["backend"])
