@@ -18,10 +18,11 @@ import secrets
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from services.common import tokens
 from services.common.config import CommonConfig
-from services.launcher import backing, procs, prometheus
+from services.launcher import backing, procs, prometheus, tls
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Ports:
     coordinator: int = 7030
     room: int = 7100         # instance i: room + i
     room_grpc: int = 7400    # instance i: room_grpc + i
+    room_tls: int = 7300     # instance i: room_tls + i (TLS client port)
     redis: int = 6390
     mysql: int = 3307
 
@@ -96,7 +98,8 @@ class Ports:
 
         f = backing.free_port
         return cls(center=f(), dispatcher=f(), register=f(), saver=f(), coordinator=f(),
-                   room=run_of(room_instances), room_grpc=run_of(room_instances), redis=f(), mysql=f())
+                   room=run_of(room_instances), room_grpc=run_of(room_instances), redis=f(), mysql=f(),
+                   room_tls=run_of(room_instances))
 
 
 # On one machine the room tier is 6-56 processes against one register, saver and dispatcher. The
@@ -104,14 +107,22 @@ class Ports:
 # ~1/100 of the CPU, its calls passed their deadlines and AUTHs were refused UNAVAILABLE (12,960
 # at 1M). Room instances run at niceness +5: the shared services they all wait on go first.
 ROOM_NICE = 5
+# Benchmarks and tests on one machine open thousands of connections per second from a few loopback
+# addresses, which the room's per-address limits (services/room/access.py) are there to stop on
+# the internet. The local system exempts loopback from them; PYLON_ROOM_ACCESS_EXEMPT_CIDRS in
+# the environment (empty: no exemption) overrides it.
+LOCAL_ROOM_ENV = {"PYLON_ROOM_ACCESS_EXEMPT_CIDRS": "127.0.0.0/8,::1/128"}
 
 
 class LocalCluster:
     def __init__(self, var_dir: str, ports: Ports | None = None, room_instances: int = 2,
                  common: CommonConfig | None = None, env: dict[str, str] | None = None,
                  host: str = "127.0.0.1", center_processes: int = 1, prometheus_port: int | None = None,
-                 scrape_interval: str | None = None) -> None:
+                 scrape_interval: str | None = None, progress: Callable[[str], None] | None = None) -> None:
         self.var = os.path.abspath(var_dir)
+        # called with one line per start-up step done (pylon up prints them); None: silent
+        self.progress = progress
+        self._started_t0 = time.monotonic()
         self.ports = ports or Ports()
         self.room_instances = room_instances
         # center processes sharing the center port (SO_REUSEPORT), forked by one `pylon center`
@@ -132,6 +143,7 @@ class LocalCluster:
         self.prometheus_port = prometheus_port
         self.scrape_interval = scrape_interval
         self.targets: prometheus.TargetsFile | None = None
+        self.tls_files: tls.TlsFiles | None = None  # made by start()
 
     @property
     def identity_path(self) -> str:
@@ -157,6 +169,14 @@ class LocalCluster:
     def room_addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.ports.room + i) for i in range(self.room_instances)]
 
+    @property
+    def room_tls_addresses(self) -> list[tuple[str, int]]:
+        return [(self.host, self.ports.room_tls + i) for i in range(self.room_instances)]
+
+    @property
+    def tls_dir(self) -> str:
+        return os.path.join(self.var, "tls")
+
     def start_stores(self) -> CommonConfig:
         backing.ensure_installed(["redis-server", "mariadbd", "mariadb-install-db"])
         for name, port in (("redis", self.ports.redis), ("mariadb", self.ports.mysql)):
@@ -164,6 +184,8 @@ class LocalCluster:
                 raise backing.BackingError(f"port {port} for {name} is already in use; stop what holds it or pick another")
         for name in STORES:
             self._start_store(name)
+            port = self.ports.redis if name == "redis" else self.ports.mysql
+            self._step(f"{'Redis' if name == 'redis' else 'MariaDB'} ready on {self.host}:{port}")
         return CommonConfig(redis_url=f"redis://{self.host}:{self.ports.redis}/0", mysql_host=self.host,
                             mysql_port=self.ports.mysql, advertise_host=self.host)
 
@@ -181,13 +203,21 @@ class LocalCluster:
     def _store(self, name: str) -> backing.Managed | None:
         return next((st for st in self.stores if st.name == name), None)
 
+    def _step(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(f"{time.monotonic() - self._started_t0:6.1f}s  {what}")
+
     def start(self) -> None:
+        self._started_t0 = time.monotonic()
         os.makedirs(self.var, exist_ok=True)
         if self.common is None:
             self.common = self.start_stores()
         self.admin_key = self.admin_key or self._persisted_admin_key()
-        self._env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **self.extra_env})
+        self._env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **LOCAL_ROOM_ENV,
+                                                   **self.extra_env})
         p, h = self.ports, self.host
+        # a private CA and the rooms' certificate for the address they advertise (DESIGN.md §5)
+        self.tls_files = tls.ensure_certs(self.tls_dir, [h, self.common.advertise_host])
         self.plans = {
             "register": ServicePlan(["register", "--host", h, "--grpc-port", str(p.register)], [(h, p.register)]),
             "saver": ServicePlan(["saver", "--host", h, "--grpc-port", str(p.saver)], [(h, p.saver)]),
@@ -198,12 +228,20 @@ class LocalCluster:
                                   [(h, p.center)]),
             "dispatcher": ServicePlan(["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)]),
             "room": ServicePlan(["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
-                                 "--instances", str(self.room_instances)], self.room_addresses,
+                                 "--instances", str(self.room_instances), "--tls-port", str(p.room_tls),
+                                 "--tls-cert", self.tls_files.cert, "--tls-key", self.tls_files.key],
+                                self.room_addresses + self.room_tls_addresses,
                                 timeout_s=60 + 2 * self.room_instances, nice=ROOM_NICE),
         }
         try:
             for name in self.plans:
+                if name == "room":
+                    self._start_rooms()
+                    continue
                 self._start_service(name)
+                self._step(f"{name} ready on {', '.join(f'{h}:{p}' for h, p in self.plans[name].wait_for)}")
+                if name == "saver":
+                    self._step(f"migrations: {self._migrations()}")
             self._wait_discovered()
             self.targets = prometheus.TargetsFile(os.path.join(self.prometheus_dir, prometheus.TARGETS_FILE),
                                                   self.common.redis_url)
@@ -211,9 +249,58 @@ class LocalCluster:
             if self.prometheus_port is not None:
                 self.prometheus_port = prometheus.pick_port(self.host, self.prometheus_port)
                 self._start_store("prometheus")
+                self._step(f"Prometheus ready on {self.prometheus_url}")
+            self._step("ready")
         except Exception:
             self.stop()
             raise
+
+    def _start_rooms(self) -> None:
+        """The room tier, reporting instances k/N as their client ports open (at most one line
+        a second, and the last)."""
+        plan = self.plans["room"]
+        self.services["room"] = sp = procs.start("room", plan.args, self._env, os.path.join(self.var, "logs"),
+                                                 pid_dir=os.path.join(self.var, "pids"), nice=plan.nice)
+        self.started_at["room"] = time.monotonic()
+        deadline = time.monotonic() + plan.timeout_s
+        n = self.room_instances
+        shown, shown_at = -1, 0.0
+        waiting = list(plan.wait_for)
+        while True:
+            waiting = [hp for hp in waiting if not backing.port_open(*hp)]
+            up = sum(1 for hp in self.room_addresses if hp not in waiting)
+            now = time.monotonic()
+            if up != shown and (now - shown_at >= 1.0 or not waiting):
+                self._step(f"room instances {up}/{n} listening")
+                shown, shown_at = up, now
+            if not waiting:
+                return
+            if not sp.alive():
+                raise RuntimeError(f"room exited with {sp.proc.returncode}:\n{sp.log_text()[-3000:]}")
+            if now > deadline:
+                sp.stop()
+                raise RuntimeError(f"room did not listen on {waiting[0][0]}:{waiting[0][1]} in {plan.timeout_s}s:\n"
+                                   f"{sp.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def _migrations(self) -> str:
+        """What saver's start-up migrations left in MySQL (saver listens only after they ran)."""
+        import pymysql
+
+        c = self.common
+        try:
+            conn = pymysql.connect(host=c.mysql_host, port=c.mysql_port, user=c.mysql_user, password=c.mysql_password,
+                                   database=c.mysql_database, unix_socket=c.mysql_unix_socket or None,
+                                   connect_timeout=5)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT name FROM schema_migrations ORDER BY name")
+                    names = [row[0] for row in cur.fetchall()]
+            finally:
+                conn.close()
+        except pymysql.err.MySQLError as exc:
+            return f"run by saver (not readable here: {exc})"
+        return f"{len(names)} applied, latest {names[-1]}" if names else "none applied"
 
     def refresh_targets(self, force: bool = False) -> None:
         """Rewrite <var>/prometheus/targets.json if the live instances in discovery changed
@@ -271,7 +358,7 @@ class LocalCluster:
     def _wait_room_ports_free(self) -> None:
         """A room supervisor that was killed leaves its instances draining (they get SIGTERM when
         it dies) until they close their gRPC ports; a new tier can bind only after that."""
-        ports = [port for _, port in self.room_addresses]
+        ports = [port for _, port in self.room_addresses + self.room_tls_addresses]
         ports += [self.ports.room_grpc + i for i in range(self.room_instances)]
         deadline = time.monotonic() + 30  # room drain_timeout_s (10) + its gRPC grace, with margin
         while time.monotonic() < deadline:
@@ -291,6 +378,7 @@ class LocalCluster:
             while time.monotonic() < deadline:
                 live = client.zcount("pylon:disc:room", int(time.time() * 1000), "+inf")
                 if live >= self.room_instances and self._dispatcher_answers():
+                    self._step(f"room instances {live}/{self.room_instances} in discovery; dispatcher hands them out")
                     return
                 time.sleep(0.2)
         finally:
@@ -406,7 +494,8 @@ class LocalCluster:
     def local_json(self) -> dict:
         return {"center": self.center_url, "dispatcher": self.dispatcher_url, "app": self.app,
                 "admin_key": self.admin_key,
-                "rooms": [f"{h}:{p}" for h, p in self.room_addresses]}
+                "rooms": [f"{h}:{p}" for h, p in self.room_addresses],
+                "tls_ca": self.tls_files.ca if self.tls_files is not None else ""}
 
     def write_local_json(self, path: str) -> None:
         write_private_json(path, self.local_json())  # it holds the admin key and the app's secret

@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
                    help="also run Prometheus (Debian package) scraping every process, data in <var>/prometheus")
     p.add_argument("--prometheus-port", type=int, default=0,
                    help="Prometheus's port with --prometheus (default 9090 if free, else any free port)")
+    p.add_argument("--log-json", action="store_true",
+                   help="services write JSON lines to <var>/logs (log_format = \"json\"; also PYLON_LOG_FORMAT=json)")
 
 
 def main(args) -> int:
@@ -37,8 +39,13 @@ def main(args) -> int:
     if not 0 <= args.prometheus_port < 65536:
         print("pylon up: --prometheus-port must be a TCP port", file=sys.stderr)
         return 1
+    # the children's [pylon] section comes from the launcher's environment variables, which
+    # would otherwise set log_format to the default whatever the shell says
+    log_format = "json" if getattr(args, "log_json", False) else os.environ.get("PYLON_LOG_FORMAT")
     cluster = LocalCluster(args.var, room_instances=rooms, host=args.host, center_processes=args.centers,
-                           prometheus_port=args.prometheus_port if args.prometheus else None)
+                           prometheus_port=args.prometheus_port if args.prometheus else None,
+                           env={"PYLON_LOG_FORMAT": log_format} if log_format else None,
+                           progress=lambda line: print(line, flush=True))
     stopping = False
 
     def on_signal(_sig, _frame):
@@ -61,6 +68,7 @@ def main(args) -> int:
     cluster.write_local_json(path)
     kept = "" if cluster.app_created else "  (kept from the previous run)"
     rooms_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_addresses)
+    tls_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_tls_addresses)
     targets = os.path.join(args.var, "prometheus", "targets.json")
     monitoring = (f"  prometheus  {cluster.prometheus_url}    (scrapes every process listed in {targets})"
                   if cluster.prometheus_url else f"  targets     {targets}    (Prometheus file_sd; --prometheus runs one)")
@@ -69,6 +77,7 @@ Pylon is up.
   center      {cluster.center_url}    (API, /dashboard, /metrics, /openapi.json)
   dispatcher  {cluster.dispatcher_url}
   rooms       {rooms_text}
+  rooms TLS   {tls_text}    (CA: {cluster.tls_files.ca if cluster.tls_files else ""})
 {monitoring}
   demo app    id={app['id']}{kept}
               api_key={app['api_key']}
