@@ -505,7 +505,7 @@ async def test_health_metrics_dashboard(center):
     assert b"pylon_center_push_seconds_bucket" in text and b"pylon_center_rate_limited_total" in text
     status, html, headers = await call(center, "GET", "/dashboard")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b"/v1/stats" in html and b"<script src" not in html and b"<link" not in html
+    assert b"/v1/admin/overview" in html and b"<script src" not in html and b"<link" not in html
 
 
 async def test_openapi_lists_every_route(center):
