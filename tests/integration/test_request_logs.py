@@ -213,6 +213,27 @@ async def test_bad_input_is_refused_and_no_process_logs_a_traceback(system):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await getattr(stub, method)(request, timeout=5, metadata=bogus)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, method, err.value.details())
+    # empty and oversized fields everywhere: answered or refused, never UNKNOWN (a handler's
+    # unhandled exception) or INTERNAL
+    odd_calls = [
+        (system.ports.saver, pbg.SaverStub, "LoadInbox", pb.LoadRequest(keys=[pb.InboxKey(uid="", apps=[""])])),
+        (system.ports.saver, pbg.SaverStub, "Ack", pb.MessageRefs(refs=[pb.MessageRef(uid="", app="", msg_id=0)])),
+        (system.ports.saver, pbg.SaverStub, "MarkDelivered", pb.MessageRefs(refs=[pb.MessageRef(uid="u" * 1000)])),
+        (system.ports.saver, pbg.SaverStub, "GetMessage", pb.GetMessageRequest(msg_id=0)),
+        (system.ports.register, pbg.RegisterStub, "Register", pb.SessionBatch(sessions=[pb.Session()])),
+        (system.ports.register, pbg.RegisterStub, "Unregister", pb.SessionBatch(sessions=[pb.Session(uid="u" * 1000)])),
+        (system.ports.register, pbg.RegisterStub, "DropInstance", pb.InstanceRequest(instance="")),
+        (system.ports.room_grpc, pbg.RoomStub, "Push", pb.PushRequest(messages=[pb.StoredMessage()])),
+        (system.ports.room_grpc, pbg.RoomStub, "Kick", pb.KickRequest(uids=["u" * 1000], reason="r" * 10_000)),
+        (system.ports.room_grpc, pbg.RoomStub, "TakeSession", pb.TakeSessionRequest(session_id="bogus")),
+        (system.ports.coordinator, pbg.CoordinatorStub, "Kick", pb.KickRequest(uids=[""])),
+    ]
+    for port, stub_cls, method, request in odd_calls:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            try:
+                await getattr(stub_cls(ch), method)(request, timeout=5, metadata=bogus)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL), (method, exc.details())
 
     for name in SERVICES:
         lines = _log_lines(system, name)
