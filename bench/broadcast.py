@@ -212,9 +212,9 @@ class Group:
             self.procs.append(wp)
             await loop.connect_read_pipe(lambda w=w: unicast.WorkerPipe(w, self.events), wp.stdout)
 
-    async def wait(self, kind: str, timeout: float) -> None:
+    async def wait(self, kind: str, timeout: float, progress: conn_bench.Progress | None = None) -> None:
         if self.procs:
-            await unicast.wait_workers(self.events, len(self.procs), kind, timeout, self.sink)
+            await unicast.wait_workers(self.events, len(self.procs), kind, timeout, self.sink, progress, self.count)
 
     def go(self) -> None:
         for wp in self.procs:
@@ -673,8 +673,9 @@ async def run(args, result: dict) -> None:
         t_connect = time.monotonic()
         for g in (main, keep):
             g.go()
+        progress = conn_bench.Progress("broadcast")
         for g in (main, keep):
-            await g.wait("connected", args.connect_timeout_s + 60)
+            await g.wait("connected", args.connect_timeout_s + 60, progress)
         held = main.held() + keep.held()
         result["held"] = held
         result["connect_s"] = round(time.monotonic() - t_connect, 1)
@@ -703,7 +704,9 @@ async def run(args, result: dict) -> None:
         t_answered = time.monotonic()
         ok = [s for s in sends if s["status"] == 200]
         expected = held * len(ok)
-        reason = await wait_deliveries([main, keep], expected, args.stall_s, t_first + args.drain_timeout_s)
+        reason = await wait_deliveries(
+            [main, keep], expected, args.stall_s, t_first + args.drain_timeout_s,
+            on_tick=lambda got: progress.maybe(lambda: f"{len(ok)} broadcasts: {got:,}/{expected:,} deliveries so far"))
         t_drained = time.monotonic()
         result["probes"] = await probes.stop()
 
@@ -765,12 +768,15 @@ async def run(args, result: dict) -> None:
             for g in (late, again):
                 g.go()
             for g in (late, again):
-                await g.wait("connected", args.connect_timeout_s + 60)
+                await g.wait("connected", args.connect_timeout_s + 60, progress)
             result["after_s_since_first_call"] = round(time.monotonic() - t_first, 1)
             result["within_ttl"] = time.monotonic() - t_first < args.ttl_s
             if late.procs:
-                await wait_deliveries([late], late.held() * len(ids), args.late_stall_s,
-                                      time.monotonic() + args.late_timeout_s)
+                late_expected = late.held() * len(ids)
+                await wait_deliveries(
+                    [late], late_expected, args.late_stall_s, time.monotonic() + args.late_timeout_s,
+                    on_tick=lambda got: progress.maybe(
+                        lambda: f"late joiners: {got:,}/{late_expected:,} deliveries so far"))
             await asyncio.sleep(args.late_settle_s)  # a window for copies that should not come
         except (RuntimeError, TimeoutError) as exc:  # keep the broadcast phase's figures
             result["after_phase_error"] = str(exc) or type(exc).__name__

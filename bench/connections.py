@@ -50,6 +50,38 @@ SOCK_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # one syscall 
 
 
 # ---------------------------------------------------------------------------- process facts
+# A progress line on stderr this often during a long run (stdout carries only the result JSON).
+PROGRESS_EVERY_S = 5.0
+
+
+class Progress:
+    """``[bench 12s] text`` on stderr at most every PROGRESS_EVERY_S (``maybe``), or now (``say``)."""
+
+    def __init__(self, bench: str, every_s: float = PROGRESS_EVERY_S) -> None:
+        self.bench, self.every_s = bench, every_s
+        self.started = time.monotonic()
+        self._next = self.started + every_s
+
+    def say(self, text: str) -> None:
+        print(f"[{self.bench} {time.monotonic() - self.started:5.0f}s] {text}", file=sys.stderr, flush=True)
+
+    def maybe(self, text) -> None:
+        """``text()`` (called only when a line is due) as the next line, if one is due."""
+        now = time.monotonic()
+        if now >= self._next:
+            self._next = now + self.every_s
+            self.say(text())
+
+
+def held_text(progress_lines, target: int) -> str:
+    """What the workers' latest per-second lines ({"held", "failed", "inflight"}) add up to."""
+    lines = list(progress_lines)
+    held = sum(m.get("held", 0) for m in lines)
+    failed = sum(m.get("failed", 0) for m in lines)
+    inflight = sum(m.get("inflight", 0) for m in lines)
+    return f"connections held {held:,}/{target:,} (handshakes in flight {inflight:,}, failed {failed:,})"
+
+
 def rss_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as fh:
@@ -631,6 +663,8 @@ def main() -> int:
             wp.stdin.write(b"go\n")
             wp.stdin.flush()
         full_at = None
+        progress = Progress("connections")
+        latest: dict[int, dict] = {}  # worker -> its last per-second line
         hard_deadline = t0 + args.connect_timeout_s + args.hold_s + 120
         cpu_full = None
         hold_until = None
@@ -655,10 +689,13 @@ def main() -> int:
                         connected[i] = msg
                     elif msg.get("event") == "done":
                         done[i] = msg
-                    # other lines are per-second progress; only the phase events matter here
+                    elif "held" in msg and "event" not in msg:
+                        latest[i] = msg  # per-second progress: only for the stderr line
                 if lines.eof:
                     sel.unregister(key.fileobj)
                     done.setdefault(i, {"event": "exited"})
+            phase = "connect" if full_at is None else ("hold" if hold_until is not None else "closing")
+            progress.maybe(lambda phase=phase: f"{phase}: {held_text(latest.values(), n)}")
             if full_at is None and len(connected) == len(workers):
                 full_at = time.monotonic()
                 client_full = [cpu_times(w.pid) for w in workers]

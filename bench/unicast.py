@@ -268,7 +268,7 @@ class Pusher:
                 st["error_bodies"].append(body[:300].decode(errors="replace"))
 
     async def closed_loop(self, phase: str, seconds: float, max_messages: int, k: int) -> dict:
-        st = self._new_stats()
+        st = self.current = self._new_stats()
         deadline = time.monotonic() + seconds
 
         async def loop_one(c: HttpConn) -> None:
@@ -291,7 +291,7 @@ class Pusher:
     async def paced(self, phase: str, rate: float, seconds: float, max_messages: int) -> dict:
         """Open loop: request i is due at start + i / rate; it waits for a free connection if all
         are busy, and both latencies count from when it was due."""
-        st = self._new_stats()
+        st = self.current = self._new_stats()
         free: asyncio.Queue[HttpConn] = asyncio.Queue()
         for c in self.conns:
             free.put_nowait(c)
@@ -327,6 +327,8 @@ class Pusher:
     @staticmethod
     def _new_stats() -> dict:
         return {"sent": 0, "ok": 0, "errors": {}, "error_bodies": [], "api_latency": [], "delivered_reported": 0}
+
+    current: dict | None = None  # the running phase's stats (for the progress line)
 
     def close(self) -> None:
         for c in self.conns:
@@ -431,7 +433,10 @@ def cpu_by_pid(pids) -> dict[int, float]:
     return {pid: conn_bench.cpu_s(pid) for pid in pids}
 
 
-async def wait_workers(events: asyncio.Queue, n: int, kind: str, timeout: float, sink: dict) -> None:
+async def wait_workers(events: asyncio.Queue, n: int, kind: str, timeout: float, sink: dict,
+                       progress: conn_bench.Progress | None = None, target: int = 0) -> None:
+    """Until ``n`` workers sent event ``kind``; with ``progress``, a stderr line every few seconds
+    of the connections their per-second lines report (``target``: connections expected)."""
     got: set[int] = set()
     deadline = time.monotonic() + timeout
     while len(got) < n:
@@ -446,6 +451,10 @@ async def wait_workers(events: asyncio.Queue, n: int, kind: str, timeout: float,
             sink.setdefault(ev, {})[i] = msg
         if ev == kind:
             got.add(i)
+        if ev is None and "held" in msg:
+            sink.setdefault("progress", {})[i] = msg
+        if progress is not None:
+            progress.maybe(lambda: conn_bench.held_text(sink.get("progress", {}).values(), target))
 
 
 async def run(args, result: dict) -> None:
@@ -489,7 +498,8 @@ async def run(args, result: dict) -> None:
             wp.stdin.write(b"go\n")
             wp.stdin.flush()
         t0 = time.monotonic()
-        await wait_workers(events, n_workers, "connected", 400, sink)
+        progress = conn_bench.Progress("unicast")
+        await wait_workers(events, n_workers, "connected", 400, sink, progress, n)
         held = sum(m["held"] for m in sink["connected"].values())
         result["held"] = held
         result["connect_s"] = round(time.monotonic() - t0, 1)
@@ -505,6 +515,19 @@ async def run(args, result: dict) -> None:
         server_pids = list(names)
         me = os.getpid()
         phases_out = []
+
+        async def report() -> None:  # every few seconds: what the running phase has pushed so far
+            while True:
+                await asyncio.sleep(progress.every_s)
+                st = pusher.current
+                if st is not None:
+                    errors = sum(st["errors"].values())
+                    progress.say(f"phase {len(phases_out) + 1}/{n_phases}: {st['ok']:,} messages pushed, "
+                                 f"{st['delivered_reported']:,} delivered to connections (center's count), "
+                                 f"{errors:,} errors")
+
+        n_phases = len(args.phases.split(","))
+        reporter = loop.create_task(report())
         for spec in args.phases.split(","):
             kind, _, arg = spec.partition(":")
             phase = f"p{len(phases_out)}"
@@ -557,6 +580,7 @@ async def run(args, result: dict) -> None:
                               "messages_per_s": phases_out[-1].get("messages_per_s"),
                               "server_cpu_us_per_msg": phases_out[-1].get("server_cpu_us_per_msg")}),
                   file=sys.stderr, flush=True)
+        reporter.cancel()
         result["phases"] = phases_out
         # end the hold: the workers print what they received
         for wp in workers:
