@@ -23,7 +23,7 @@ import redis
 from services.common import tokens
 from services.common.codec import Op
 from services.common.pb import client_pb2 as cpb
-from services.launcher import backing
+from services.launcher import backing, procs
 from services.launcher.cluster import LocalCluster, Ports
 from tests.integration.conftest import TEST_ENV
 from tests.integration.test_e2e import api, connect, push
@@ -395,3 +395,19 @@ def _metrics(address: str) -> str:
 
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
         return r.read().decode()
+
+
+async def test_drain_without_restart_leaves_the_slot_empty(system):
+    # the module's last test: one room instance fewer afterwards
+    host, port = system.room_addresses[1]
+    second = f"{host}:{port}"
+    target = next(r for r in discovered(system).values() if f"{r['host']}:{r['port']}" == second)
+    status, body = await admin(system, "POST", f"/v1/admin/rooms/{target['id']}/drain", {"restart": False})
+    assert status == 200 and body["restart"] is False and body["already_draining"] is False, body
+    room = system.services["room"]
+    await until("the drained instance exits", lambda: asyncio.to_thread(
+        lambda: "drained on request; its slot stays empty" in room.log_text()), timeout=40)
+    assert target["id"] not in discovered(system)
+    assert len(procs.children(room.pid)) == 1 and room.alive()
+    assert "starting it again in" not in room.log_text()
+    assert f"action=drain instance={target['id']} restart=false" in center_log(system)
