@@ -7,9 +7,12 @@ keeping its msg_id and seq. The MySQL rows change first, in one transaction that
 (``state = parked`` and not expired, so a message acked or requeued meanwhile is skipped); then
 one script per message puts the Redis record and its inbox entry back. Once MySQL committed, a
 rebuild of Redis restores the message as stored too, so a Redis that lost its epoch in between
-loses nothing. The caller gets the requeued messages with their payloads and delivers them to
-sessions that are online (center does, through its push path); the others get them at their
-next login or BIND, from the inbox.
+loses nothing. When the Redis step fails after the commit (Redis down), the call fails and the
+rows are left stored with 0 attempts while Redis still has them parked: asking again for the
+same msg_ids finishes the job (a requeue by ids also takes rows in that state, and the script
+tells a message Redis still has parked from one pending anyway). The caller gets the requeued
+messages with their payloads and delivers them to sessions that are online (center does,
+through its push path); the others get them at their next login or BIND, from the inbox.
 """
 
 from __future__ import annotations
@@ -37,21 +40,28 @@ MAX_INSPECT_ENTRIES = 1000
 _RECORD_FIELDS = ("uid", "app", "created_ms", "expires_ms", "seq", "state", "attempts", "acked_ms", "tomb")
 
 # KEYS[1] = pylon:m:{id}, KEYS[2] = its inbox, KEYS[3] = epoch; ARGV = uid, app, payload, created_ms,
-# expires_ms, seq, key_ttl_s, inbox_ttl_s, msg_id. Returns 1 (back in the inbox), 0 (left alone:
-# acked meanwhile) or nil (no epoch: a rebuild restores it from MySQL, where it is stored already).
-# The record is written whole: Redis may have dropped the payload (a rebuild keeps none for parked
-# messages) or the whole record. A tombstone of another owner (see lua._ACK) is replaced.
+# expires_ms, seq, key_ttl_s, inbox_ttl_s, msg_id, reset (1: MySQL had it parked). Returns 2 (was
+# parked or gone in Redis, or reset: now stored, attempts 0, in the inbox), 1 (pending already:
+# only its inbox entry ensured), 0 (left alone: acked meanwhile) or nil (no epoch: a rebuild
+# restores it from MySQL, where it is stored already). The record is written whole: Redis may
+# have dropped the payload (a rebuild keeps none for parked messages) or the whole record. A
+# tombstone of another owner (see lua._ACK) is replaced.
 _REQUEUE = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return false end
 local v = redis.call('HMGET', KEYS[1], 'uid', 'app', 'state', 'tomb')
-if v[3] == 'acked' and not (v[4] and (v[1] ~= ARGV[1] or v[2] ~= ARGV[2])) then return 0 end
+local mine = v[1] == ARGV[1] and v[2] == ARGV[2]
+if v[3] == 'acked' and (mine or not v[4]) then return 0 end
+if mine and ARGV[10] ~= '1' and (v[3] == 'stored' or v[3] == 'delivered') then
+  redis.call('ZADD', KEYS[2], ARGV[6], ARGV[9])
+  return 1
+end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'app', ARGV[2], 'payload', ARGV[3], 'created_ms', ARGV[4],
            'expires_ms', ARGV[5], 'seq', ARGV[6], 'state', 'stored', 'attempts', 0)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 redis.call('ZADD', KEYS[2], ARGV[6], ARGV[9])
 if redis.call('TTL', KEYS[2]) < tonumber(ARGV[8]) then redis.call('EXPIRE', KEYS[2], ARGV[8]) end
-return 1
+return 2
 """
 REQUEUE = Script(_REQUEUE)
 
@@ -147,18 +157,27 @@ class ParkedMessages:
             limit = page_limit(req.limit)
         await self._guard.wait(self.cfg.rebuild_wait_s)
         now_ms = self._now_ms()
-        rows = await self._requeue_rows(where, args, now_ms, limit)
+        rows = await self._requeue_rows(where, args, now_ms, limit, unfinished=bool(req.msg_ids))
+        replies = await self._requeue_redis(rows, now_ms) if rows else []
+        if any(r is None for r in replies):
+            self._guard.lost()
+        # requeued: parked in MySQL until now, or parked in Redis still (a requeue whose Redis
+        # step failed after its commit, asked again); without an epoch, MySQL's word counts
         requeued = [internal_pb2.StoredMessage(msg_id=msg_id, uid=uid, app=app, payload=payload, created_ms=created,
                                                ttl_s=keys.remaining_ttl_s(expires, now_ms), seq=seq)
-                    for msg_id, uid, app, seq, payload, created, expires in rows]
-        if rows and await self._requeue_redis(rows, now_ms):
-            self._guard.lost()
+                    for (msg_id, uid, app, seq, payload, created, expires, was_parked), reply in zip(rows, replies,
+                                                                                                   strict=True)
+                    if reply == 2 or (reply is None and was_parked)]
         done = {msg.msg_id for msg in requeued}
         m.REQUEUED.inc(len(requeued))
         return requeued, [i for i in asked if i not in done]
 
-    async def _requeue_rows(self, where: str, args: list, now_ms: int, limit: int) -> list[tuple]:
-        """Lock the parked, unexpired rows matching ``where``, set them stored with attempts 0, commit."""
+    async def _requeue_rows(self, where: str, args: list, now_ms: int, limit: int, unfinished: bool) -> list[tuple]:
+        """Lock the parked, unexpired rows matching ``where``, set them stored with attempts 0,
+        commit. With ``unfinished`` also the rows stored with 0 attempts (a requeue whose Redis
+        step failed leaves its rows so, and asking again finishes it). Rows: (msg_id, uid, app,
+        seq, payload, created_ms, expires_ms, whether it was parked)."""
+        states = f"(state={_PARKED} OR (state={_STORED} AND attempts=0))" if unfinished else f"state={_PARKED}"
         started = time.perf_counter()
         try:
             async with self._journal.pool.acquire() as conn:
@@ -166,12 +185,12 @@ class ParkedMessages:
                 try:
                     async with conn.cursor() as cur:
                         await cur.execute(
-                            "SELECT msg_id, uid, app, seq, payload, created_ms, expires_ms FROM messages "
-                            f"WHERE {where} AND state={_PARKED} AND expires_ms>%s ORDER BY app, msg_id LIMIT %s "
+                            "SELECT msg_id, uid, app, seq, payload, created_ms, expires_ms, state FROM messages "
+                            f"WHERE {where} AND {states} AND expires_ms>%s ORDER BY app, msg_id LIMIT %s "
                             "FOR UPDATE", [*args, now_ms, limit])
-                        rows = list(await cur.fetchall())
-                        if rows:
-                            ids = [r[0] for r in rows]
+                        rows = [(*r[:7], r[7] == _PARKED) for r in await cur.fetchall()]
+                        ids = [r[0] for r in rows if r[7]]
+                        if ids:
                             await cur.execute(
                                 f"UPDATE messages SET state={_STORED}, attempts=0 "
                                 f"WHERE msg_id IN ({','.join(['%s'] * len(ids))}) AND state={_PARKED}", ids)
@@ -185,17 +204,18 @@ class ParkedMessages:
         m.MYSQL_SECONDS.labels("requeue").observe(time.perf_counter() - started)
         return rows
 
-    async def _requeue_redis(self, rows: Sequence[tuple], now_ms: int) -> bool:
+    async def _requeue_redis(self, rows: Sequence[tuple], now_ms: int) -> list:
+        """One REQUEUE script per row; its replies, in order."""
         retention = self.cfg.ack_retention_s
 
         def build(pipe) -> None:
-            for msg_id, uid, app, seq, payload, created, expires in rows:
+            for msg_id, uid, app, seq, payload, created, expires, was_parked in rows:
                 ttl = keys.remaining_ttl_s(expires, now_ms)
                 REQUEUE.queue(pipe, [keys.message_key(msg_id), keys.inbox_key(uid, app), keys.EPOCH_KEY],
-                              [uid, app, payload, created, expires, seq, ttl + retention, ttl, msg_id])
+                              [uid, app, payload, created, expires, seq, ttl + retention, ttl, msg_id,
+                               1 if was_parked else 0])
 
-        replies = await run_pipeline(self._redis, build, (REQUEUE,))
-        return any(r is None for r in replies)
+        return await run_pipeline(self._redis, build, (REQUEUE,))
 
     # ------------------------------------------------------------------ inspect
     async def inspect(self, req: internal_pb2.InspectRequest) -> list[internal_pb2.InboxView]:

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 
+import pymysql
 import pytest
 import redis
 
@@ -147,6 +148,36 @@ async def test_a_never_acked_message_is_parked_listed_requeued_delivered_and_ack
 async def _state_is(system, msg_id, want, app=None):
     s = await state_of(system, msg_id, app)
     return s if s["state"] == want else None
+
+
+async def test_a_requeue_whose_redis_step_failed_is_finished_by_asking_again(system):
+    user = uid()
+    ids = await park(system, user, ["a", "b"])
+    # what a requeue leaves when Redis failed after the MySQL commit: rows stored with 0 attempts,
+    # Redis records still parked and out of the inbox
+    conn = pymysql.connect(host=system.common.mysql_host, port=system.common.mysql_port, user=system.common.mysql_user,
+                           password=system.common.mysql_password, database=system.common.mysql_database)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"UPDATE messages SET state=0, attempts=0 WHERE msg_id={int(ids[0])}")
+        conn.commit()
+    finally:
+        conn.close()
+    fresh = (await push(system, [user], "never parked"))[0]
+    status, body = await admin(system, "POST", "/v1/admin/parked/requeue", {"msg_ids": [*ids, fresh]})
+    assert status == 200, body
+    # both come back; a message that was never parked is not touched (and reported skipped)
+    assert sorted(body["requeued"]) == sorted(ids) and body["skipped"] == [fresh], body
+    c, _ = await connect(system, user)
+    got = []
+    while len(got) < 3:
+        _, p = await c.expect(Op.PUSH)
+        got += [m for m in p.messages if not m.broadcast]
+    assert sorted(str(m.msg_id) for m in got) == sorted([*ids, fresh])
+    c.send(Op.ACK, cpb.Ack(msg_ids=[m.msg_id for m in got]))
+    for i in [*ids, fresh]:
+        await until("acked", lambda i=i: _state_is(system, i, "acked"))
+    await c.close()
 
 
 async def test_parked_pages_and_requeue_of_a_users_parked_messages_for_the_next_login(system):
