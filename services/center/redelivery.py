@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import Counter, Gauge
 
+from services.common import logs
 from services.common.pb import internal_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class Redelivery:
             self._bytes += size
         WAITING.set(len(self._waiting))
         if self._waiting and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # started by one request's push, it then retries the messages of many
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=logs.without_request_ids())
 
     async def _run(self) -> None:
         try:

@@ -123,6 +123,20 @@ def outgoing_metadata() -> tuple[tuple[str, str], ...] | None:
     return ((METADATA_KEY, ids),)
 
 
+def _clear_ids() -> None:
+    REQUEST_ID.set(None)
+    REQUEST_IDS.set(None)
+
+
+def without_request_ids() -> contextvars.Context:
+    """A copy of the current context with no request ids: for a task started while handling one
+    request that goes on to work for others (``loop.create_task(coro, context=...)``), whose log
+    lines and calls would otherwise name that first request."""
+    ctx = contextvars.copy_context()
+    ctx.run(_clear_ids)
+    return ctx
+
+
 def set_instance(instance: str) -> None:
     """Name this process's instance on every JSON line (called once its id is known)."""
     global _instance

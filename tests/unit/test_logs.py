@@ -191,3 +191,18 @@ async def test_center_answers_with_the_callers_id_or_its_own():
     assert failed.status == 404 and failed.headers["X-Request-Id"] == "caller-43"
     assert seen == ["p1-1", "caller-42", "p1-2", "caller-43"]
     assert logs.REQUEST_ID.get() is None
+
+
+async def test_a_task_started_for_one_request_can_leave_its_id_behind():
+    seen = []
+
+    async def record():
+        seen.append((logs.REQUEST_ID.get(), logs.REQUEST_IDS.get()))
+
+    token = logs.REQUEST_ID.set("first-request")
+    try:
+        await asyncio.get_running_loop().create_task(record())
+        await asyncio.get_running_loop().create_task(record(), context=logs.without_request_ids())
+    finally:
+        logs.REQUEST_ID.reset(token)
+    assert seen == [("first-request", None), (None, None)]
