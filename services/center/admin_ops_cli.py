@@ -63,8 +63,9 @@ def add_arguments(p) -> None:
 
 
 def call(center: str, key: str, method: str, path: str, query: dict | None = None, body: dict | None = None) -> Any:
+    """One request to center (``path`` already quoted); its JSON answer, or StatusError."""
     query = {k: v for k, v in (query or {}).items() if v is not None}
-    url = center + urllib.parse.quote(path) + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    url = center + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
@@ -84,6 +85,11 @@ def call(center: str, key: str, method: str, path: str, query: dict | None = Non
         raise StatusError(f"cannot reach center at {center}: {getattr(exc, 'reason', exc)}") from exc
     except ValueError as exc:
         raise StatusError(f"center sent something that is not JSON: {exc}") from exc
+
+
+def _segment(text: str) -> str:
+    """One path segment: a uid may hold '/', '?' or '#'."""
+    return urllib.parse.quote(text, safe="")
 
 
 def _when(ms: int) -> str:
@@ -165,10 +171,10 @@ def run(args, center: str, key: str) -> str:
             out += f"\nskipped {len(reply['skipped'])} (not parked, expired or unknown): {' '.join(reply['skipped'])}"
         return out
     if cmd == "user":
-        reply = call(center, key, "GET", f"/v1/admin/users/{args.uid}",
+        reply = call(center, key, "GET", f"/v1/admin/users/{_segment(args.uid)}",
                      {"app": args.app, "limit": args.limit, "payload": "true" if args.payload else None})
         return json.dumps(reply, indent=2) if as_json else render_user(reply)
-    reply = call(center, key, "POST", f"/v1/admin/rooms/{args.instance}/drain", body={"restart": not args.no_restart})
+    reply = call(center, key, "POST", f"/v1/admin/rooms/{_segment(args.instance)}/drain", body={"restart": not args.no_restart})
     if as_json:
         return json.dumps(reply, indent=2)
     if reply["already_draining"]:

@@ -355,6 +355,9 @@ async def test_cli_lists_requeues_and_inspects(system, tmp_path):
     assert [(m["msg_id"], m["state"]) for m in box["messages"]] == [(msg_id, "stored")]
     out = await asyncio.to_thread(_run_cli, system, local, "user", user)
     assert out.returncode == 0 and f"user {user}: " in out.stdout and msg_id in out.stdout, out.stderr
+    odd = f"odd/{uid()}?#"  # path characters in a uid travel as one segment
+    out = await asyncio.to_thread(_run_cli, system, local, "user", odd)
+    assert out.returncode == 0 and f"user {odd}: offline" in out.stdout, out.stderr
     out = await asyncio.to_thread(_run_cli, system, local, "drain", "room-nowhere:1")
     assert out.returncode == 1 and "unknown_instance" in out.stderr and "Traceback" not in out.stderr
     out = await asyncio.to_thread(_run_cli, system, str(tmp_path / "missing.json"), "parked")
