@@ -175,6 +175,8 @@ class CenterApi:
         app = await self.p.auth.target_app(principal, body.app)
         accepted = await self.p.broadcasts.submit(app, body.payload, body.ttl_s)
         telemetry.APP_BROADCASTS.labels(app.id).inc()
+        if principal.admin:  # an operator speaking for an app to all its users (an app's own are its traffic)
+            audit.record(principal, "broadcast", app=app.id, broadcast_id=accepted.broadcast_id, ttl_s=body.ttl_s)
         return json_response({"broadcast_id": str(accepted.broadcast_id), "subtasks": accepted.subtasks})
 
     async def broadcast_progress(self, request: web.Request) -> web.Response:

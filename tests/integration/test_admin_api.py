@@ -289,6 +289,9 @@ async def test_admin_actions_are_audited_with_the_acting_key(system):
     # an app's key is named by its app, a free-text reason is quoted
     assert (f'audit actor={system.app["id"]} action=kick uid={user} app={system.app["id"]} reason="bye now" kicked=1'
             in text)
+    status, body = await admin(system, "POST", "/v1/broadcast", {"app": other, "payload": "from the operator"})
+    assert status == 200, body
+    assert f"audit actor=admin action=broadcast app={other} broadcast_id={body['broadcast_id']}" in center_log(system)
     log = center_log(system)
     for secret in (system.admin_key, system.app["api_key"], created["api_key"], new_key):
         assert secret not in log
