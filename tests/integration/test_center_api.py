@@ -518,6 +518,8 @@ async def test_openapi_lists_every_route(center):
         ("/v1/admin/overview", "get"), ("/v1/broadcasts/{id}", "get"), ("/v1/admin/broadcasts", "get"),
         ("/v1/apps/{id}/rotate-secret", "post"),
         ("/v1/apps", "get"), ("/v1/apps/{id}", "get"), ("/v1/apps/{id}", "patch"), ("/v1/apps/{id}/rotate-key", "post"),
+        ("/v1/admin/parked", "get"), ("/v1/admin/parked/requeue", "post"), ("/v1/admin/users/{uid}", "get"),
+        ("/v1/admin/rooms/{instance}/drain", "post"),
     }
     documented = {(p, m) for p, ops in doc["paths"].items() for m in ops}
     assert documented == expected
