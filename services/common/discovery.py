@@ -34,6 +34,7 @@ class Instance:
     draining: bool = False
     started_ms: int = 0
     nets: list[str] = field(default_factory=list)  # network types served; empty = all
+    tls_port: int = 0       # room: the TLS client port beside ``port``; 0 = none
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -295,7 +295,8 @@ def parse_query(params: Mapping[str, str], default_count: int = 8, max_count: in
 
 def route_view(route: Route) -> dict:
     return {
-        "rooms": [{"host": r.host, "port": r.port, "instance": r.id, "region": r.region} for r in route.rooms],
+        "rooms": [{"host": r.host, "port": r.port, "instance": r.id, "region": r.region,
+                   **({"tls_port": r.tls_port} if r.tls_port else {})} for r in route.rooms],
         "region_fallback": route.region_fallback,
         "all_excluded": route.all_excluded,
     }

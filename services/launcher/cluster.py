@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from services.common import tokens
 from services.common.config import CommonConfig
-from services.launcher import backing, procs, prometheus
+from services.launcher import backing, procs, prometheus, tls
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class Ports:
     coordinator: int = 7030
     room: int = 7100         # instance i: room + i
     room_grpc: int = 7400    # instance i: room_grpc + i
+    room_tls: int = 7300     # instance i: room_tls + i (TLS client port)
     redis: int = 6390
     mysql: int = 3307
 
@@ -97,7 +98,8 @@ class Ports:
 
         f = backing.free_port
         return cls(center=f(), dispatcher=f(), register=f(), saver=f(), coordinator=f(),
-                   room=run_of(room_instances), room_grpc=run_of(room_instances), redis=f(), mysql=f())
+                   room=run_of(room_instances), room_grpc=run_of(room_instances), redis=f(), mysql=f(),
+                   room_tls=run_of(room_instances))
 
 
 # On one machine the room tier is 6-56 processes against one register, saver and dispatcher. The
@@ -105,6 +107,11 @@ class Ports:
 # ~1/100 of the CPU, its calls passed their deadlines and AUTHs were refused UNAVAILABLE (12,960
 # at 1M). Room instances run at niceness +5: the shared services they all wait on go first.
 ROOM_NICE = 5
+# Benchmarks and tests on one machine open thousands of connections per second from a few loopback
+# addresses, which the room's per-address limits (services/room/access.py) are there to stop on
+# the internet. The local system exempts loopback from them; PYLON_ROOM_ACCESS_EXEMPT_CIDRS in
+# the environment (empty: no exemption) overrides it.
+LOCAL_ROOM_ENV = {"PYLON_ROOM_ACCESS_EXEMPT_CIDRS": "127.0.0.0/8,::1/128"}
 
 
 class LocalCluster:
@@ -136,6 +143,7 @@ class LocalCluster:
         self.prometheus_port = prometheus_port
         self.scrape_interval = scrape_interval
         self.targets: prometheus.TargetsFile | None = None
+        self.tls_files: tls.TlsFiles | None = None  # made by start()
 
     @property
     def identity_path(self) -> str:
@@ -160,6 +168,14 @@ class LocalCluster:
     @property
     def room_addresses(self) -> list[tuple[str, int]]:
         return [(self.host, self.ports.room + i) for i in range(self.room_instances)]
+
+    @property
+    def room_tls_addresses(self) -> list[tuple[str, int]]:
+        return [(self.host, self.ports.room_tls + i) for i in range(self.room_instances)]
+
+    @property
+    def tls_dir(self) -> str:
+        return os.path.join(self.var, "tls")
 
     def start_stores(self) -> CommonConfig:
         backing.ensure_installed(["redis-server", "mariadbd", "mariadb-install-db"])
@@ -197,8 +213,11 @@ class LocalCluster:
         if self.common is None:
             self.common = self.start_stores()
         self.admin_key = self.admin_key or self._persisted_admin_key()
-        self._env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **self.extra_env})
+        self._env = procs.common_env(self.common, {"PYLON_CENTER_ADMIN_KEY": self.admin_key, **LOCAL_ROOM_ENV,
+                                                   **self.extra_env})
         p, h = self.ports, self.host
+        # a private CA and the rooms' certificate for the address they advertise (DESIGN.md §5)
+        self.tls_files = tls.ensure_certs(self.tls_dir, [h, self.common.advertise_host])
         self.plans = {
             "register": ServicePlan(["register", "--host", h, "--grpc-port", str(p.register)], [(h, p.register)]),
             "saver": ServicePlan(["saver", "--host", h, "--grpc-port", str(p.saver)], [(h, p.saver)]),
@@ -209,7 +228,9 @@ class LocalCluster:
                                   [(h, p.center)]),
             "dispatcher": ServicePlan(["dispatcher", "--host", h, "--port", str(p.dispatcher)], [(h, p.dispatcher)]),
             "room": ServicePlan(["room", "--host", h, "--port", str(p.room), "--grpc-port", str(p.room_grpc),
-                                 "--instances", str(self.room_instances)], self.room_addresses,
+                                 "--instances", str(self.room_instances), "--tls-port", str(p.room_tls),
+                                 "--tls-cert", self.tls_files.cert, "--tls-key", self.tls_files.key],
+                                self.room_addresses + self.room_tls_addresses,
                                 timeout_s=60 + 2 * self.room_instances, nice=ROOM_NICE),
         }
         try:
@@ -337,7 +358,7 @@ class LocalCluster:
     def _wait_room_ports_free(self) -> None:
         """A room supervisor that was killed leaves its instances draining (they get SIGTERM when
         it dies) until they close their gRPC ports; a new tier can bind only after that."""
-        ports = [port for _, port in self.room_addresses]
+        ports = [port for _, port in self.room_addresses + self.room_tls_addresses]
         ports += [self.ports.room_grpc + i for i in range(self.room_instances)]
         deadline = time.monotonic() + 30  # room drain_timeout_s (10) + its gRPC grace, with margin
         while time.monotonic() < deadline:
@@ -473,7 +494,8 @@ class LocalCluster:
     def local_json(self) -> dict:
         return {"center": self.center_url, "dispatcher": self.dispatcher_url, "app": self.app,
                 "admin_key": self.admin_key,
-                "rooms": [f"{h}:{p}" for h, p in self.room_addresses]}
+                "rooms": [f"{h}:{p}" for h, p in self.room_addresses],
+                "tls_ca": self.tls_files.ca if self.tls_files is not None else ""}
 
     def write_local_json(self, path: str) -> None:
         write_private_json(path, self.local_json())  # it holds the admin key and the app's secret

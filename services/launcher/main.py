@@ -68,6 +68,7 @@ def main(args) -> int:
     cluster.write_local_json(path)
     kept = "" if cluster.app_created else "  (kept from the previous run)"
     rooms_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_addresses)
+    tls_text = ", ".join(f"{h}:{p}" for h, p in cluster.room_tls_addresses)
     targets = os.path.join(args.var, "prometheus", "targets.json")
     monitoring = (f"  prometheus  {cluster.prometheus_url}    (scrapes every process listed in {targets})"
                   if cluster.prometheus_url else f"  targets     {targets}    (Prometheus file_sd; --prometheus runs one)")
@@ -76,6 +77,7 @@ Pylon is up.
   center      {cluster.center_url}    (API, /dashboard, /metrics, /openapi.json)
   dispatcher  {cluster.dispatcher_url}
   rooms       {rooms_text}
+  rooms TLS   {tls_text}    (CA: {cluster.tls_files.ca if cluster.tls_files else ""})
 {monitoring}
   demo app    id={app['id']}{kept}
               api_key={app['api_key']}

@@ -86,7 +86,8 @@ class RoomSupervisor:
         self.drain_timeout_s = cfg.drain_timeout_s
         self.slots = [
             InstanceSlot(i, dataclasses.replace(cfg, instances=1, port=cfg.port + i, grpc_port=cfg.grpc_port + i,
-                                                metrics_port=cfg.metrics_port + i if cfg.metrics_port else 0),
+                                                metrics_port=cfg.metrics_port + i if cfg.metrics_port else 0,
+                                                tls_port=cfg.tls_port + i if cfg.tls_port else 0),
                          RestartBackoff())
             for i in range(k)]
         self.stopping = False
@@ -114,6 +115,7 @@ class RoomSupervisor:
             os.close(self._wake_w)
             for sig in _SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the instance's loop handles it (TLS reload)
             _die_with_parent()
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             if os.getppid() != self._supervisor_pid:  # the supervisor died before prctl took effect
@@ -208,6 +210,8 @@ class RoomSupervisor:
         signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
+        # SIGHUP (reload the TLS certificate) goes to every instance
+        signal.signal(signal.SIGHUP, lambda sig, _frame: self._forward(sig))
 
     def _wait(self, timeout: float | None) -> None:
         try:

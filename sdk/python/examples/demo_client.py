@@ -83,7 +83,8 @@ async def run(args: argparse.Namespace) -> int:
             print(f"[{kind}] {data}", file=sys.stderr, flush=True)
 
     client = PylonClient(local["dispatcher"], args.uid, token, device_id=args.device_id, apps=[app["id"]],
-                         net=args.net, on_message=on_message, on_event=on_event, dedupe_path=args.dedupe_file)
+                         net=args.net, on_message=on_message, on_event=on_event, dedupe_path=args.dedupe_file,
+                         tls_ca=local.get("tls_ca") or None)  # TLS to rooms that offer it, verified by the local CA
     try:
         await client.start(timeout=args.connect_timeout)
     except AuthError as exc:
@@ -96,7 +97,8 @@ async def run(args: argparse.Namespace) -> int:
         print(f"could not connect within {args.connect_timeout} s", file=sys.stderr)
         await client.close()
         return 1
-    print(f"connected as {args.uid} (session {client.session_id}); waiting for messages", file=sys.stderr, flush=True)
+    print(f"connected as {args.uid} (session {client.session_id}{', TLS' if client.tls else ''}); waiting for messages",
+          file=sys.stderr, flush=True)
     try:
         closed = asyncio.ensure_future(client.wait_closed())
         finished = asyncio.ensure_future(done.wait())

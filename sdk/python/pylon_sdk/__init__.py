@@ -30,6 +30,7 @@ from pylon_sdk.errors import (
     RouteError,
     SendQueueFull,
     ServerError,
+    TlsError,
     UpstreamTimeout,
 )
 from pylon_sdk.frames import SDK_VERSION
@@ -42,5 +43,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Address", "AuthError", "ClientClosed", "ConnectionLost", "DedupeStoreError", "FrameTooLarge", "HeartbeatPolicy",
     "Kicked", "Message", "NotConnected", "ProtocolError", "PylonClient", "PylonError", "ReplyTimeout", "RouteError", "SDK_VERSION", "SendQueueFull",
-    "ServerError", "State", "UpstreamTimeout", "__version__",
+    "ServerError", "State", "TlsError", "UpstreamTimeout", "__version__",
 ]

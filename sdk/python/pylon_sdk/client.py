@@ -31,6 +31,7 @@ import enum
 import inspect
 import logging
 import os
+import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ from pylon_sdk.errors import (
     RouteError,
     SendQueueFull,
     ServerError,
+    TlsError,
     UpstreamTimeout,
 )
 from pylon_sdk.heartbeat import HeartbeatPolicy
@@ -131,7 +133,9 @@ class PylonClient:
                  connect_timeout_s: float = 10.0, auth_timeout_s: float = 10.0, pong_timeout_s: float = 10.0,
                  reconnect_min_s: float = 0.5, reconnect_max_s: float = 30.0, max_queued_frames: int = 1024,
                  max_pending_upstream: int = 1024, push_queue_frames: int = 256, dedupe_size: int = 10_000,
-                 dedupe_path: str | os.PathLike | None = None, dedupe_fsync: bool = False) -> None:
+                 dedupe_path: str | os.PathLike | None = None, dedupe_fsync: bool = False,
+                 tls_ca: str | os.PathLike | None = None, ssl_context: ssl.SSLContext | None = None,
+                 tls_server_name: str | None = None, tls_only: bool = False) -> None:
         if not uid:
             raise ValueError("uid is required")
         if not token:
@@ -151,6 +155,19 @@ class PylonClient:
         self._routes = FixedRoutes(addresses) if addresses is not None else \
             DispatcherRoutes(dispatcher_url, uid, net, region, connect_timeout_s)
         self._heartbeat = heartbeat or HeartbeatPolicy()
+        # TLS (WIRE.md §1): with a CA file (or a context of the caller's), every address that offers
+        # a TLS port is reached over TLS, the room's certificate verified; tls_only skips the others
+        if tls_ca is not None and ssl_context is not None:
+            raise ValueError("give at most one of tls_ca and ssl_context")
+        self._tls: ssl.SSLContext | None = ssl_context
+        if tls_ca is not None:
+            self._tls = ssl.create_default_context(cafile=os.fspath(tls_ca))
+            self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls_only and self._tls is None:
+            raise ValueError("tls_only needs tls_ca or ssl_context")
+        self.tls_server_name = tls_server_name
+        self.tls_only = tls_only
+        self._tls_ports: dict[tuple[str, int], int] = {}  # (host, port) -> TLS port, from the routes seen
         self.ack_timeout_s = ack_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.auth_timeout_s = auth_timeout_s
@@ -240,6 +257,11 @@ class PylonClient:
     @property
     def address(self) -> Address | None:
         return self._link.address if self._link is not None and self.connected else None
+
+    @property
+    def tls(self) -> bool:
+        """True while connected over TLS (the room's certificate verified)."""
+        return self._link is not None and self.connected and self._link.tls
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -389,7 +411,7 @@ class PylonClient:
                     addrs, preferred = preferred, []
                 else:
                     try:
-                        addrs = await self._routes.get(exclude)
+                        addrs = self._tls_addresses(await self._routes.get(exclude))
                         if not addrs:
                             raise RouteError("dispatcher returned no room address")
                     except RouteError as exc:
@@ -517,9 +539,36 @@ class PylonClient:
 
     # ------------------------------------------------------------------ one connection
 
+    def _tls_addresses(self, addrs: list[Address]) -> list[Address]:
+        """Remember which addresses offer TLS, fill in the TLS port of addresses that came without
+        one (COMMAND RECONNECT names the plain port), and with ``tls_only`` drop those without."""
+        if self._tls is None:
+            return addrs
+        out = []
+        for a in addrs:
+            if a.tls_port:
+                if len(self._tls_ports) < 4096:
+                    self._tls_ports[(a.host, a.port)] = a.tls_port
+            else:
+                known = self._tls_ports.get((a.host, a.port), 0)
+                if known:
+                    a = a._replace(tls_port=known)
+            if a.tls_port or not self.tls_only:
+                out.append(a)
+        if addrs and not out:
+            self._emit("error", TlsError("no room address offers TLS (tls_only)"))
+        return out
+
     async def _connect_once(self, addr: Address) -> _Outcome:
+        if self._tls is not None and self.tls_only and not addr.tls_port:
+            return _Outcome(_End.CONNECT_FAILED, f"{addr} offers no TLS port (tls_only)", addr)
         try:
-            link = await Link.open(addr, self.connect_timeout_s, self.max_queued_frames)
+            link = await Link.open(addr, self.connect_timeout_s, self.max_queued_frames, self._tls,
+                                   self.tls_server_name)
+        except ssl.SSLCertVerificationError as exc:
+            err = TlsError(f"TLS certificate of {addr} (port {addr.tls_port}) did not verify: {exc.verify_message}")
+            self._emit("error", err)
+            return _Outcome(_End.CONNECT_FAILED, str(err), addr, error=err)
         except (OSError, TimeoutError) as exc:
             return _Outcome(_End.CONNECT_FAILED, f"cannot connect to {addr}: {exc or type(exc).__name__}", addr)
         loop = asyncio.get_running_loop()
@@ -699,6 +748,7 @@ class PylonClient:
                             targets.append(Address(*frames.parse_address(text)))
                         except ProtocolError as exc:
                             log.warning("pylon: %s", exc)
+                    targets = self._tls_addresses(targets)
                     return _Outcome(_End.REDIRECT if targets else _End.LOST, f"{addr} asked to reconnect", addr,
                                     addresses=targets)
                 else:

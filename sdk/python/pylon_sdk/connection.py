@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 
 from pylon_sdk.errors import FrameTooLarge, NotConnected, SendQueueFull
 from pylon_sdk.routing import Address
@@ -17,12 +18,13 @@ _SEQ_MAX = 0xFFFFFFFF
 
 
 class Link:
-    __slots__ = ("address", "max_frame", "max_queued", "_reader", "_writer", "_decoder", "_out", "_has_out", "_inbox",
-                 "_seq", "closed")
+    __slots__ = ("address", "tls", "max_frame", "max_queued", "_reader", "_writer", "_decoder", "_out", "_has_out",
+                 "_inbox", "_seq", "closed")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, address: Address,
-                 max_frame: int = codec.DEFAULT_MAX_FRAME, max_queued: int = 1024) -> None:
+                 max_frame: int = codec.DEFAULT_MAX_FRAME, max_queued: int = 1024, tls: bool = False) -> None:
         self.address = address
+        self.tls = tls  # the bytes travel over TLS (the room's certificate verified)
         self.max_frame = max_frame
         self.max_queued = max_queued
         self._reader = reader
@@ -35,7 +37,16 @@ class Link:
         self.closed = False
 
     @classmethod
-    async def open(cls, address: Address, timeout_s: float, max_queued: int = 1024) -> Link:
+    async def open(cls, address: Address, timeout_s: float, max_queued: int = 1024,
+                   tls: ssl.SSLContext | None = None, server_name: str | None = None) -> Link:
+        """Connect; with ``tls`` and an address that offers a TLS port, over TLS to that port, the
+        room's certificate verified by ``tls`` for ``server_name`` (default: the address's host).
+        ``ssl.SSLCertVerificationError`` when it does not verify."""
+        if tls is not None and address.tls_port:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                address.host, address.tls_port, ssl=tls, server_hostname=server_name or address.host,
+                ssl_handshake_timeout=timeout_s), timeout_s)
+            return cls(reader, writer, address, max_queued=max_queued, tls=True)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(address.host, address.port), timeout_s)
         return cls(reader, writer, address, max_queued=max_queued)
 

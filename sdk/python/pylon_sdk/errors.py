@@ -3,7 +3,7 @@
 - the caller misused the API: ``FrameTooLarge``, ``NotConnected``, ``ClientClosed``, ``SendQueueFull``
 - the server refused or failed: ``ServerError`` (``AuthError`` when it is permanent)
 - the network or the server misbehaved: ``ConnectionLost``, ``ReplyTimeout`` (``UpstreamTimeout``),
-  ``ProtocolError``, ``RouteError``
+  ``ProtocolError``, ``RouteError``, ``TlsError``
 - the server ended the session: ``Kicked`` (a ``ClientClosed``)
 - the local dedupe file failed: ``DedupeStoreError``
 """
@@ -76,6 +76,12 @@ class ProtocolError(PylonError):
 
 class RouteError(PylonError):
     """The dispatcher could not be asked or gave an unusable answer."""
+
+
+class TlsError(PylonError):
+    """A room's TLS certificate did not verify against the CA the client was given (``tls_ca``),
+    or no address offered TLS while ``tls_only`` is set. The address is skipped and retried with
+    backoff like any that cannot be reached; a wrong CA or a man in the middle never gets AUTH."""
 
 
 class ServerError(PylonError):

@@ -15,26 +15,37 @@ MAX_ROUTE_BODY = 64 * 1024
 
 
 class Address(NamedTuple):
+    """A room instance: ``host``, its plain ``port`` (its name in ``exclude``, COMMAND RECONNECT
+    and logs), and ``tls_port`` when it also serves TLS (0: it does not)."""
+
     host: str
     port: int
+    tls_port: int = 0
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def _check(host: object, port: object) -> Address:
-    if not isinstance(host, str) or not host or not isinstance(port, int) or isinstance(port, bool) \
-            or not 0 < port < 65536:
+def _is_port(port: object) -> bool:
+    return isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+
+
+def _check(host: object, port: object, tls_port: object = 0) -> Address:
+    if not isinstance(host, str) or not host or not _is_port(port):
         raise RouteError(f"bad room address {host!r}:{port!r}")
-    return Address(host, port)
+    if tls_port is None or tls_port == 0:
+        tls_port = 0
+    elif not _is_port(tls_port):
+        raise RouteError(f"bad room TLS port {tls_port!r} for {host}:{port}")
+    return Address(host, port, tls_port)  # type: ignore[arg-type]
 
 
 class FixedRoutes:
     """The same list every time, addresses that failed last moved to the end (for tests and
     deployments without a dispatcher)."""
 
-    def __init__(self, addresses: Iterable[tuple[str, int]]) -> None:
-        self.addresses = [_check(h, p) for h, p in addresses]
+    def __init__(self, addresses: Iterable[tuple[str, int] | tuple[str, int, int]]) -> None:
+        self.addresses = [_check(*a) for a in addresses]
         if not self.addresses:
             raise ValueError("addresses must not be empty")
 
@@ -47,7 +58,7 @@ class FixedRoutes:
 
 
 def parse_route_reply(body: bytes) -> list[Address]:
-    """``{"rooms": [{"host": ..., "port": ...}, ...]}`` → addresses, validated."""
+    """``{"rooms": [{"host": ..., "port": ..., "tls_port": ...}, ...]}`` → addresses, validated."""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -59,7 +70,7 @@ def parse_route_reply(body: bytes) -> list[Address]:
     for room in rooms[:MAX_ROOMS]:
         if not isinstance(room, dict):
             raise RouteError("dispatcher answer: a room is not an object")
-        addr = _check(room.get("host"), room.get("port"))
+        addr = _check(room.get("host"), room.get("port"), room.get("tls_port", 0))
         if addr not in out:
             out.append(addr)
     return out
