@@ -15,6 +15,7 @@ import urllib.request
 import uuid
 
 from pylon_sdk import PylonClient, TlsError
+
 from services.common import tokens
 from services.common.codec import Op
 from services.common.pb import client_pb2 as cpb
