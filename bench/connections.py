@@ -10,6 +10,9 @@ workers route their uids through the dispatcher, connect from loopback source ad
 127.0.0.2... (so the ephemeral-port range is per source address), authenticate, and keep
 heartbeats. Bounded in count and time: every phase has a deadline, and everything stops by itself.
 
+With --tls the workers connect to the rooms' TLS ports (each TLS session an SSLObject over memory
+BIOs in the same epoll loop) and verify them against the CA the launcher made in var/tls/.
+
 Printed JSON: connections held, connect rate, time to full, room RSS per connection, per-instance
 baseline RSS, sessions in register, CPU seconds of servers and clients per phase (client CPU for
 the connect phase counts from the start signal, so it excludes imports and frame building).
@@ -28,6 +31,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -279,8 +283,57 @@ class Worker:
         self.held = self.errors = self.failed = self.pongs = self.lost = self.retries = 0
         self.auth_on_writable = 0  # AUTHs that waited for EPOLLOUT (connect not done on return)
         self.error_kinds: dict[str, int] = {}
+        self.tls_errors: dict[str, int] = {}
         self.fail_kinds: dict[str, int] = {}  # why uids ended without a session
         self.deadline = float("inf")
+        # --tls: each connection's TLS runs in an SSLObject over memory BIOs, fed from the same epoll
+        # loop (fd -> [SSLObject, incoming BIO, outgoing BIO, handshake done]); the room's certificate
+        # is verified against the launcher's CA, as the SDK does
+        self.tls_ctx = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
+        self.tls: dict[int, list] = {}
+        self.first: dict[int, bytes] = {}  # fd -> bytes to send once connected (EPOLLOUT)
+
+    # ------------------------------------------------------------ TLS
+    def _tls_start(self, fd: int, host: str) -> bytes:
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.tls_ctx.wrap_bio(inc, out, server_hostname=host)
+        self.tls[fd] = [obj, inc, out, False]
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return out.read()  # the ClientHello
+
+    def _tls_feed(self, fd: int, sock: socket.socket, data: bytes, auth: bytes = b"") -> bytes | None:
+        """Bytes from the socket in, application bytes out (b"" while a record is incomplete or
+        the handshake goes on; AUTH is written when it is done). None: TLS failed."""
+        st = self.tls[fd]
+        obj, inc, out = st[0], st[1], st[2]
+        inc.write(data)
+        plain = []
+        try:
+            if not st[3]:
+                obj.do_handshake()
+                st[3] = True
+                obj.write(auth)
+            while True:
+                chunk = obj.read(65536)
+                if not chunk:
+                    break
+                plain.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except (ssl.SSLError, OSError) as exc:
+            self.tls_errors[getattr(exc, "reason", None) or type(exc).__name__] = \
+                self.tls_errors.get(getattr(exc, "reason", None) or type(exc).__name__, 0) + 1
+            return None
+        pending = out.read()
+        if pending:
+            try:
+                sock.send(pending)
+            except OSError:
+                return None
+        return b"".join(plain)
 
     # ------------------------------------------------------------ handshakes
     def fill(self) -> None:
@@ -300,11 +353,13 @@ class Worker:
                 if err and err != errno.EINPROGRESS:
                     raise OSError(err, os.strerror(err))
                 fd = sock.fileno()
+                first = self._tls_start(fd, addrs[i][0]) if self.tls_ctx is not None else frames[i]
                 try:
-                    sock.send(frames[i])  # a fresh socket takes a ~300-byte frame whole
+                    sock.send(first)  # a fresh socket takes a ~300-byte frame whole
                     register(fd, select.EPOLLIN)
                 except BlockingIOError:  # still SYN_SENT: send when writable
                     register(fd, select.EPOLLOUT)
+                    self.first[fd] = first
                     self.auth_on_writable += 1
                 pending[fd] = (sock, i, tick)
             except OSError as exc:
@@ -323,7 +378,7 @@ class Worker:
             sock = st[0]
             if ev & select.EPOLLOUT:
                 try:
-                    sock.send(self.frames[st[1]])
+                    sock.send(self.first.pop(fd, b"") or self.frames[st[1]])
                     ep.modify(fd, select.EPOLLIN)
                 except OSError:
                     self._end(fd, sock, st[1], 0, "send")
@@ -334,6 +389,13 @@ class Worker:
                 continue
             except OSError:
                 data = b""
+            if data and self.tls_ctx is not None:
+                data = self._tls_feed(fd, sock, data, self.frames[st[1]])
+                if data is None:
+                    self._end(fd, sock, st[1], 0, "tls")
+                    continue
+                if not data:
+                    continue  # the TLS handshake goes on, or a record is not complete yet
             # frames arrive whole on loopback: the first one's op decides the handshake
             if len(data) >= 12 and data[5] == 2:  # AUTH_OK
                 del pending[fd]
@@ -354,6 +416,8 @@ class Worker:
         """A handshake that did not end in AUTH_OK: retry after the server's retry-after, with full
         jitter as the SDK does, or count it failed."""
         del self.pending[fd]
+        self.tls.pop(fd, None)
+        self.first.pop(fd, None)
         sock.close()  # closing the last reference also takes the fd out of the epoll set
         if retry_ms <= 0:
             self._fail(why)
@@ -392,8 +456,15 @@ class Worker:
             return
         except OSError:
             data = b""
+        if data and self.tls_ctx is not None:
+            data = self._tls_feed(fd, sock, data)
+            if data is None:
+                data = b""
+            elif not data:
+                return
         if not data:
             del self.socks[fd]
+            self.tls.pop(fd, None)
             sock.close()
             self.held -= 1
             self.lost += 1
@@ -482,7 +553,7 @@ class Worker:
             for k, uid in enumerate(uids):
                 try:
                     room = routes[uid][0]
-                    addr = (room["host"], room["port"])
+                    addr = (room["host"], room["tls_port"] if self.tls_ctx is not None else room["port"])
                 except (KeyError, IndexError, TypeError):
                     self._fail("no_route")
                     continue
@@ -505,22 +576,30 @@ class Worker:
         # done). PING every heartbeat, spread evenly over the interval: one loop, no timer per connection.
         ping = encode(Op.PING)
         hard_end = connected_at + a.connect_timeout_s + a.hold_s + 60  # the parent died: stop anyway
-        conns = list(self.socks.values())
+        conns = list(self.socks.items())
         slices = max(1, a.heartbeat_s * 10)
         k = 0
+        tls = self.tls
         while not stop.is_set() and time.monotonic() < hard_end:
             step = len(conns) // slices + 1
-            for sock in conns[(k % slices) * step:(k % slices + 1) * step]:
+            for fd, sock in conns[(k % slices) * step:(k % slices + 1) * step]:
                 try:
-                    sock.send(ping)
-                except OSError:
+                    if tls:
+                        st = tls.get(fd)
+                        if st is None:
+                            continue
+                        st[0].write(ping)
+                        sock.send(st[2].read())
+                    else:
+                        sock.send(ping)
+                except (OSError, ssl.SSLError):
                     pass  # lost (closed) or a full buffer: the next round pings again
             k += 1
             await asyncio.sleep(0.1)
         ticker.cancel()
         print(json.dumps({"event": "done", "held": self.held, "pongs": self.pongs, "lost": self.lost,
                           "error_kinds": self.error_kinds, "fail_kinds": self.fail_kinds, "retries": self.retries,
-                          "auth_on_writable": self.auth_on_writable,
+                          "auth_on_writable": self.auth_on_writable, "tls_errors": self.tls_errors,
                           "failed": self.failed, "errors": self.errors}), flush=True)
         loop.remove_reader(self.ep.fileno())
         for sock in self.socks.values():
@@ -552,6 +631,8 @@ def main() -> int:
     p.add_argument("--sources", type=int, default=32, help="loopback source addresses")
     p.add_argument("--attempts", type=int, default=6, help="connect attempts per uid when refused with a retry-after")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect to the rooms' TLS ports, verifying them against the launcher's CA")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment for the services, e.g. PYLON_ROOM_BATCH_DELAY_MS=10")
     # worker mode (internal)
@@ -561,6 +642,7 @@ def main() -> int:
     p.add_argument("--dispatcher", default="", help=argparse.SUPPRESS)
     p.add_argument("--app", default="", help=argparse.SUPPRESS)
     p.add_argument("--secret", default="", help=argparse.SUPPRESS)
+    p.add_argument("--tls-ca", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker_main(args)
@@ -589,6 +671,7 @@ def main() -> int:
                            env={"PYLON_LOG_LEVEL": "WARNING", "PYLON_ROOM_BACKLOG": "65535",
                                 **dict(kv.split("=", 1) for kv in args.env)})
     result: dict = {"bench": "connections", "target": n, "rooms": rooms, "sysctls": sysctls, "env": args.env,
+                    "tls": args.tls,
                     "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count()}
     workers: list[subprocess.Popen] = []
     try:
@@ -626,7 +709,8 @@ def main() -> int:
                  "--dispatcher", cluster.dispatcher_url, "--app", app["id"], f"--secret={app['secret']}",
                  "--hold-s", str(args.hold_s), "--heartbeat-s", str(args.heartbeat_s),
                  "--inflight", str(args.inflight), "--connect-timeout-s", str(args.connect_timeout_s),
-                 "--sources", str(args.sources), "--attempts", str(args.attempts)],
+                 "--sources", str(args.sources), "--attempts", str(args.attempts),
+                 *(["--tls-ca", cluster.tls_files.ca] if args.tls else [])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
                 # clients are many processes, like the room tier: same niceness, so neither starves
                 # the lone register, saver and dispatcher (see ROOM_NICE in the launcher)
