@@ -43,6 +43,9 @@ class Transport:
     def set_write_buffer_limits(self, high=None, low=None) -> None:
         pass
 
+    def get_extra_info(self, name, default=None):
+        return default  # no peer address: the per-address access policy does not apply
+
 
 class Clock:
     def __init__(self) -> None:
