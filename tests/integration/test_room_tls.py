@@ -159,3 +159,36 @@ async def test_sighup_reloads_the_certificate_without_dropping_connections(clust
         await plain.close()
     finally:
         room.stop()
+
+
+async def test_sighup_to_the_room_supervisor_reloads_every_instance(cluster):
+    import redis
+
+    from services.launcher.procs import children
+
+    sup = cluster.services["room"]
+    before = sorted(children(sup.pid))
+    client = redis.Redis.from_url(cluster.common.redis_url)
+    try:
+        records = [json.loads(raw) for raw in client.hvals("pylon:discinfo:room")]
+    finally:
+        client.close()
+    ids = {f"room-{h}:{p}" for h, p in cluster.room_addresses}  # not rooms other tests started
+    ours = [r["metrics"] for r in records if r["id"] in ids]
+    assert len(ours) == cluster.room_instances
+
+    def reloads(address: str) -> float:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith('pylon_room_tls_reloads_total{result="ok"} '):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    start = {m: reloads(m) for m in ours}
+    sup.signal(signal.SIGHUP)
+
+    async def all_reloaded() -> bool:
+        return all(reloads(m) > start[m] for m in ours)
+
+    await _until(all_reloaded, "every instance to reload its certificate")
+    assert sup.alive() and sorted(children(sup.pid)) == before  # nobody restarted or died
