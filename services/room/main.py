@@ -71,7 +71,15 @@ async def serve(common, cfg, stop: asyncio.Event) -> int | None:
     pool = ChannelPool(common.rpc_channels_per_target)
     backends = RoomBackends(discovery, pool, cfg, common.rpc_deadline_s)
     apps = AppCache(redis, cfg.app_refresh_s)
-    room = RoomInstance(cfg, instance_id, apps, backends, grpc_address=f"{host}:{cfg.grpc_port}")
+    from services.room.access import raise_open_file_limit
+
+    open_files = raise_open_file_limit()
+    room = RoomInstance(cfg, instance_id, apps, backends, grpc_address=f"{host}:{cfg.grpc_port}",
+                        connection_cap=cfg.connection_cap(open_files))
+    if room.access.max_connections < cfg.per_instance_connections:
+        log.warning("this instance accepts at most %d connections (open files %d, room.max_connections %d), fewer "
+                    "than per_instance_connections %d: past it clients get INSTANCE_FULL",
+                    room.access.max_connections, open_files, cfg.max_connections, cfg.per_instance_connections)
     room_metrics.export_app_sessions(room)
     if not cfg.resume_secret:
         room.resume_secret = await shared_resume_secret(redis)
