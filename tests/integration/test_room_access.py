@@ -249,3 +249,49 @@ async def test_lists_and_caps_answer_at_connect_with_a_retry_after(cluster, sett
         for c in held:
             await c.close()
         room.stop()
+
+
+async def test_with_few_open_files_the_cap_answers_instance_full_instead_of_running_out(cluster, tmp_path):
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    limit, reserve = 600, 512  # the cap: 88 connections
+    port, grpc_port, metrics_port = backing.free_port(), backing.free_port(), backing.free_port()
+    env = procs.common_env(cluster.common, {**TEST_ENV, "PYLON_ROOM_ACCESS_EXEMPT_CIDRS": "",
+                                            "PYLON_ROOM_FD_RESERVE": str(reserve)})
+    log_path = tmp_path / "room-fds.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "room", "--host", cluster.host, "--port", str(port),
+             "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--instances", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    try:
+        deadline = time.monotonic() + 30
+        while not backing.port_open(cluster.host, port):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-2000:]
+            await asyncio.sleep(0.05)
+        conns = []
+        for i in range(5):  # 150 connections that send nothing, 30 from each of 5 addresses
+            conns += await asyncio.gather(*(_open_from(f"127.0.2.{i + 1}", cluster.host, port) for _ in range(30)))
+        results = await asyncio.gather(*(_first_frame(r, timeout=15) for r, _ in conns))
+        codes = [ErrorCode(e.code).name if e is not None else None for e in results]
+        assert codes.count("INSTANCE_FULL") == 150 - (limit - reserve), {c: codes.count(c) for c in set(codes)}
+        assert codes.count("HANDSHAKE_TIMEOUT") == limit - reserve  # the admitted ones, at their deadline
+        assert all(e.retry_after_ms > 0 for e in results if e is not None and e.code == ErrorCode.INSTANCE_FULL)
+        for _, w in conns:
+            w.close()
+        assert (await _login(cluster, LEGIT, port)).session_id
+        text = _metrics(metrics_port)
+        assert _metric(text, "pylon_room_connection_cap") == limit - reserve
+        assert _metric(text, 'pylon_room_access_refused_total{reason="instance_full"}') == 150 - (limit - reserve)
+        assert "Too many open files" not in log_path.read_text()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
