@@ -7,7 +7,7 @@ N       ?= 100000
 CLIENTS ?= 20000
 BROADCAST_CLIENTS ?= 50000
 
-.PHONY: run test unit integration proto proto-check lint bench bench-connections bench-unicast bench-logins bench-broadcast clean
+.PHONY: run test unit integration proto proto-check lint bench bench-connections bench-unicast bench-logins bench-broadcast bench-flood clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-unicast: $(STAMP)   ## CLIENTS acking clients, 512-byte pushes over 16 kee
 
 bench-logins: $(STAMP)    ## AUTH_OK latency at 200 and 1,000 connects/s (open loop), connects/s with 64 in flight
 	$(BIN)/python bench/logins.py
+
+bench-flood: $(STAMP)     ## a connect flood from one address vs logins from another (the room's access policy)
+	$(BIN)/python bench/flood.py
 
 bench-broadcast: $(STAMP) ## 20 x 512 B broadcasts to BROADCAST_CLIENTS acking clients, late joiners, re-connectors: make bench-broadcast BROADCAST_CLIENTS=50000
 	$(BIN)/python bench/broadcast.py --clients $(BROADCAST_CLIENTS)
