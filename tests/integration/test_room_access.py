@@ -138,7 +138,9 @@ async def test_a_connect_flood_from_one_address_is_rate_limited_and_others_log_i
         # (a connect that the loaded machine did not complete in 10 s is no answer from the room)
         assert set(outcomes) <= {"RATE_LIMITED", "HANDSHAKE_TIMEOUT", "connect_failed"}, outcomes
         text = _metrics(metrics_port)
-        assert _metric(text, 'pylon_room_access_refused_total{reason="rate"}') == limited
+        # a connect the client gave up on may still have reached the room and been refused there
+        refused = _metric(text, 'pylon_room_access_refused_total{reason="rate"}')
+        assert limited <= refused <= limited + outcomes.get("connect_failed", 0), (refused, outcomes)
         assert _metric(text, 'pylon_room_access_refused_total{reason="instance_full"}') == 0
     finally:
         room.stop()
