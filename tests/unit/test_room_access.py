@@ -179,3 +179,12 @@ def test_config_validates_access_settings():
     RoomConfig(deny_cidrs=["10.0.0.0/8", "::1"]).validate()
     assert RoomConfig(fd_reserve=500).connection_cap(20_000) == 19_500
     assert RoomConfig(max_connections=7).connection_cap(20_000) == 7
+
+
+@pytest.mark.parametrize("code", [ErrorCode.RATE_LIMITED, ErrorCode.TOO_MANY_CONNECTIONS, ErrorCode.INSTANCE_FULL,
+                                  ErrorCode.ACCESS_DENIED])
+def test_the_sdk_waits_out_the_retry_after_of_every_refusal_at_connect(code):
+    from pylon_sdk.errors import ServerError
+
+    err = ServerError(int(code), "refused", fatal=True, retry_after_ms=5000)
+    assert err.retry_later and not err.permanent and err.code is code
