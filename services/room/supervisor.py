@@ -99,7 +99,8 @@ class RoomSupervisor:
     # ------------------------------------------------------------------ processes
     def _fork(self, slot: InstanceSlot) -> None:
         # signals stay blocked across the fork: the child must never run the supervisor's handlers
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        # (SIGHUP too: a new instance loads the certificate files as they are anyway)
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS | {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             self._run_instance(slot, old_mask)  # never returns
