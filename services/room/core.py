@@ -106,6 +106,8 @@ class RoomInstance:
         # visits these, never every connection
         self.by_app: dict[str, dict[Session, None]] = {}
         self.fanout = BroadcastFanout(self, wall_ms=wall_ms, linger_s=cfg.broadcast_linger_ms / 1000)
+        # sessions with an inbox load in flight -> [loads, msg ids acked meanwhile] (see _loaded_for)
+        self._loading: dict[Session, list] = {}
         # (uid, app) -> broadcast ids acked and not yet sent to saver (see broadcast_ack_linger_ms)
         self._bc_acks: dict[tuple[str, str], list[int]] = {}
         self._bc_ack_timer: asyncio.TimerHandle | None = None
@@ -364,6 +366,7 @@ class RoomInstance:
             m.DETACHED.dec()
         if state in (OPEN, DETACHED):
             self._unindex(session)
+        self._loading.pop(session, None)
         conn, session.conn = session.conn, None
         if conn is not None:
             self._drop_link(conn, abort)
@@ -630,7 +633,9 @@ class RoomInstance:
                 ts_ms=self.wall_ms(), instance=s.instance))
 
     def _load_inbox(self, session: Session, apps: Iterable[str]) -> None:
-        self._submit(self.backends.load_inbox, ipb.InboxKey(uid=session.uid, apps=apps), self._loaded_for(session))
+        done = self._loaded_for(session)
+        if not self._submit(self.backends.load_inbox, ipb.InboxKey(uid=session.uid, apps=apps), done):
+            done(None, Overloaded("inbox load queue full"))  # stays stored: the next load delivers it
 
     def _submit(self, batcher, item, done=None) -> bool:
         try:
@@ -852,10 +857,29 @@ class RoomInstance:
 
     def _loaded_for(self, session: Session) -> Callable:
         """The completion of an inbox load for ``session``: deliver what came (on error the
-        messages stay stored: the next push, load or connect delivers them)."""
+        messages stay stored: the next push, load or connect delivers them). While a load is in
+        flight the session's ACKs are noted (``_loading``): an inbox read before an ACK reached
+        saver still lists that message, and it must not be written (and counted) again."""
+        loading = self._loading
+        entry = loading.get(session)
+        if entry is None:
+            entry = loading[session] = [0, None]
+        entry[0] += 1
+
         def loaded(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
+            acked = None
+            e = loading.get(session)
+            if e is not None:
+                acked = e[1]
+                e[0] -= 1
+                if e[0] <= 0:
+                    del loading[session]
             if err is None and inbox is not None and inbox.messages and session.state in (OPEN, DETACHED):
-                self.deliver(session, inbox.messages)
+                messages = inbox.messages
+                if acked:
+                    messages = [msg for msg in messages if msg.msg_id not in acked]
+                if messages:
+                    self.deliver(session, messages)
         return loaded
 
     async def _submit_all(self, queue, items: list, dones: list | None) -> int:
@@ -1179,6 +1203,10 @@ class RoomInstance:
             self.fail(session, ErrorCode.TOO_MANY_ITEMS, f"at most {MAX_IDS_PER_ACK} ids per ACK", fatal=False,
                       seq=frame.seq)
             return
+        if self._loading:
+            e = self._loading.get(session)
+            if e is not None:  # a load in flight may have read these before the ACK: see _loaded_for
+                e[1] = (e[1] or set()).union(ids)
         unacked = session.unacked
         if not unacked:
             return

@@ -177,3 +177,21 @@ def test_the_app_index_follows_bind_unbind_and_close_and_is_exported_per_app():
     assert {app: len(s) for app, s in h.room.by_app.items()} == {"app2": 1}
     h.advance(h.cfg.resume_grace_s + 2)
     assert h.room.by_app == {}
+
+
+def test_an_inbox_read_before_an_ack_does_not_write_the_acked_message_again():
+    """The login's inbox load is in flight; a push writes message 7 meanwhile and the client acks
+    it; the load, read before the ack reached saver, still lists 7: it is not written or counted
+    again (a resume that raced its load used to count a second delivery attempt)."""
+    h = RoomHarness()
+    c = h.client()
+    c.auth()
+    h.backends.register.complete()
+    c.frames()
+    assert h.room.push([message(7)]) == 1
+    assert c.pushed() == [7]
+    c.send(Op.ACK, cpb.Ack(msg_ids=[7]))
+    h.backends.load_inbox.complete(lambda key: ipb.Inbox(uid=key.uid, messages=[message(7), message(8)]))
+    assert c.pushed() == [8], "the acked one stays acked; the other is delivered"
+    assert [r.msg_id for r, _ in h.backends.delivered.items] == [7, 8]
+    assert h.room._loading == {}
