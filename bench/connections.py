@@ -289,7 +289,8 @@ class Worker:
         # --tls: each connection's TLS runs in an SSLObject over memory BIOs, fed from the same epoll
         # loop (fd -> [SSLObject, incoming BIO, outgoing BIO, handshake done]); the room's certificate
         # is verified against the launcher's CA, as the SDK does
-        self.tls_ctx = ssl.create_default_context(cafile=args.tls_ca) if args.tls_ca else None
+        tls_ca = getattr(args, "tls_ca", "")  # the unicast and broadcast workers have no --tls-ca
+        self.tls_ctx = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
         self.tls: dict[int, list] = {}
         self.first: dict[int, bytes] = {}  # fd -> bytes to send once connected (EPOLLOUT)
 
