@@ -1014,22 +1014,25 @@ class RoomInstance:
             out.append(Held(msg.msg_id, msg.app, payload, msg.created_ms, msg.seq, msg.broadcast))
         return out
 
+    def _writable(self, session: Session, messages) -> bool:
+        """True if ``messages`` can be written to the session now. A detached session holds them
+        for its resume (within its bounds); one that stopped reading loses its link first and
+        then holds them the same way (all of it stays stored)."""
+        state = session.state
+        if state == OPEN and not session.conn.paused:
+            return True
+        if state == OPEN:
+            m.closed[ErrorCode.SLOW_CONSUMER].inc()
+            self.detach(session, abort=True)
+            state = session.state
+        if state == DETACHED:
+            self._hold(session, messages)
+        return False
+
     def deliver(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> int:
         """Write unicast messages for bound apps; remember them until acked. A detached session
         keeps them for its resume (not written, no attempt counted). Returns messages written."""
-        state = session.state
-        if state == DETACHED:
-            self._hold(session, messages)
-            return 0
-        if state != OPEN:
-            return 0
-        if session.conn.paused:
-            # it stopped reading and we have more for it: drop the link; the session waits for a
-            # resume with what it has not acked (all of it stays stored)
-            m.closed[ErrorCode.SLOW_CONSUMER].inc()
-            self.detach(session, abort=True)
-            if session.state == DETACHED:
-                self._hold(session, messages)
+        if not self._writable(session, messages):
             return 0
         unacked = session.unacked or {}
         limit = self.cfg.max_unacked_per_session
@@ -1135,17 +1138,7 @@ class RoomInstance:
     def write_broadcast(self, session: Session, frame: bytes, held: list[Held]) -> int:
         """One session's part of a fan-out pass (services/room/fanout.py): the pass's PUSH
         frame, encoded once, and the shared copies kept until acked. 1 if written."""
-        state = session.state
-        if state == DETACHED:
-            self._hold(session, held)  # kept for its resume, within the hold bounds
-            return 0
-        if state != OPEN:
-            return 0
-        if session.conn.paused:
-            m.closed[ErrorCode.SLOW_CONSUMER].inc()
-            self.detach(session, abort=True)
-            if session.state == DETACHED:
-                self._hold(session, held)
+        if not self._writable(session, held):
             return 0
         unacked = session.unacked
         if unacked is None:
