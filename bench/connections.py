@@ -615,6 +615,35 @@ def worker_main(args) -> int:
 
 
 # ---------------------------------------------------------------------------- coordinator
+def one_run_at_a_time(busy: str = "another benchmark run is in progress"):
+    """The lock every benchmark holds while it runs (keep the returned file open), or None, with
+    ``busy`` printed as the JSON error, if another run holds it: two runs would share the CPU
+    (every figure wrong) and each would restore the sysctls the other had set when it started."""
+    import fcntl
+
+    lock = open(os.path.join(tempfile.gettempdir(), "pylon-bench-connections.lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        print(json.dumps({"error": busy}), file=sys.stderr)
+        return None
+    return lock
+
+
+def run_header() -> dict:
+    """What a benchmark's JSON starts with: the machine's CPUs, the commit and the load before."""
+    result: dict = {"cpus": os.cpu_count()}
+    try:
+        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                          text=True).stdout.strip()
+    except OSError:
+        pass
+    with open("/proc/loadavg") as fh:
+        result["loadavg_before"] = fh.read().split()[:3]
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--connections", type=int, default=100_000)
@@ -648,15 +677,8 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    # One run at a time: two runs would share the CPU (every figure wrong) and each would restore
-    # the sysctls the other had set when it started.
-    import fcntl
-
-    lock = open(os.path.join(tempfile.gettempdir(), "pylon-bench-connections.lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(json.dumps({"error": "another bench/connections.py run is in progress"}), file=sys.stderr)
+    lock = one_run_at_a_time("another bench/connections.py run is in progress")
+    if lock is None:
         return 2
 
     from services.launcher.cluster import ROOM_NICE, LocalCluster, Ports

@@ -22,7 +22,6 @@ import json
 import os
 import select
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -239,21 +238,12 @@ def main() -> int:
     p.add_argument("--pids-out", default="", help="write {pid: service} of the server processes here")
     args = p.parse_args()
 
-    import fcntl
-
     import uvloop
 
-    lock = open(os.path.join(tempfile.gettempdir(), "pylon-bench-connections.lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(json.dumps({"error": "another benchmark run is in progress"}), file=sys.stderr)
+    lock = conn_bench.one_run_at_a_time()
+    if lock is None:
         return 2
-    result: dict = {"cpus": os.cpu_count()}
-    result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                      text=True).stdout.strip()
-    with open("/proc/loadavg") as fh:
-        result["loadavg_before"] = fh.read().split()[:3]
+    result = conn_bench.run_header()
     uvloop.run(run(args, result))
     print(json.dumps(result, indent=2))
     return 0

@@ -659,24 +659,12 @@ def main() -> int:
     if args.worker:
         return worker_main(args)
 
-    import fcntl
-
     import uvloop
 
-    lock = open(os.path.join(tempfile.gettempdir(), "pylon-bench-connections.lock"), "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        print(json.dumps({"error": "another benchmark run is in progress"}), file=sys.stderr)
+    lock = conn_bench.one_run_at_a_time()
+    if lock is None:
         return 2
-    result: dict = {"cpus": os.cpu_count()}
-    try:
-        result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                          text=True).stdout.strip()
-    except OSError:
-        pass
-    with open("/proc/loadavg") as fh:
-        result["loadavg_before"] = fh.read().split()[:3]
+    result = conn_bench.run_header()
     uvloop.run(run(args, result))
     print(json.dumps(result, indent=2))
     return 0
