@@ -21,7 +21,6 @@ an ack) can hand that broadcast once more to the user: the SDK drops it by msg_i
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Sequence
 
 from services.common.apps import valid_app_id
@@ -280,14 +279,15 @@ class BroadcastStore:
     async def rebuild(self, now_ms: int, page: int = 1000) -> tuple[int, int]:
         """After Redis lost its data: live broadcasts and users' acked sets back from MySQL.
         Returns (broadcasts, acked sets) restored."""
-        rows = await self._select("SELECT id, app, payload, created_ms, expires_ms FROM broadcasts "
-                                  "WHERE expires_ms > %s", (now_ms,))
+        rows = await self._journal.select(
+            "broadcast_scan", "SELECT id, app, payload, created_ms, expires_ms FROM broadcasts WHERE expires_ms > %s",
+            (now_ms,))
         await self.restore([(int(b), a, p, int(c), int(e)) for b, a, p, c, e in rows], now_ms)
         restored = 0
         after = (b"", b"")
         while True:
-            acks = await self._select(
-                "SELECT app, uid, acked, expires_ms FROM broadcast_acks WHERE expires_ms > %s "
+            acks = await self._journal.select(
+                "broadcast_scan", "SELECT app, uid, acked, expires_ms FROM broadcast_acks WHERE expires_ms > %s "
                 "AND (app, uid) > (%s, %s) ORDER BY app, uid LIMIT %s", (now_ms, after[0], after[1], page))
             if not acks:
                 break
@@ -315,17 +315,6 @@ class BroadcastStore:
             return await self._journal.execute(op, sql, args, rows)
         except Exception as exc:
             raise self._journal.failed(exc) from None
-
-    async def _select(self, sql: str, args) -> list[tuple]:
-        started = time.perf_counter()
-        try:
-            async with self._journal.pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(sql, args)
-                rows = await cur.fetchall()
-        except Exception as exc:
-            raise self._journal.failed(exc) from None
-        m.MYSQL_SECONDS.labels("broadcast_scan").observe(time.perf_counter() - started)
-        return list(rows)
 
 
 # broadcast ids one ref may carry (a client ACK frame holds at most 4,096 ids)

@@ -254,18 +254,22 @@ class MessageJournal:
         for a rebuild of Redis: (msg_id, uid, app, seq, created_ms, expires_ms, state, attempts,
         payload). Every row counts for the sequence counters; the payload is read only for rows
         that go back into an inbox (not acked, not parked, not expired)."""
+        return await self.select(
+            "rebuild_scan", f"SELECT {_SCAN_COLUMNS}, IF(state<{_ACKED} AND expires_ms>%s, payload, '') FROM messages "
+            "WHERE msg_id>%s ORDER BY msg_id LIMIT %s", (now_ms, after_msg_id, limit))
+
+    async def select(self, op: str, sql: str, args: Sequence) -> list[tuple]:
+        """The rows of one read; an unreachable MySQL is BackendUnavailable (its outage logged once)."""
         started = time.perf_counter()
         try:
             async with self._pool.acquire() as conn, conn.cursor() as cur:
-                await cur.execute(
-                    f"SELECT {_SCAN_COLUMNS}, IF(state<{_ACKED} AND expires_ms>%s, payload, '') FROM messages "
-                    "WHERE msg_id>%s ORDER BY msg_id LIMIT %s", (now_ms, after_msg_id, limit))
+                await cur.execute(sql, args)
                 rows = await cur.fetchall()
         except UNAVAILABLE_ERRORS as exc:
             raise self._failed(exc) from None
         self.outage.ok()
-        m.MYSQL_SECONDS.labels("rebuild_scan").observe(time.perf_counter() - started)
-        return rows
+        m.MYSQL_SECONDS.labels(op).observe(time.perf_counter() - started)
+        return list(rows)
 
     async def tail(self, limit: int) -> list[tuple]:
         """The ``limit`` rows with the highest msg_ids (newest first; one backward range of the
