@@ -7,6 +7,7 @@ from services.center import errors
 from services.center.http_api import CenterParts, make_app
 from services.center.http_errors import status_of
 from services.center.telemetry import Tally
+from tests.openapi_refs import assert_refs_resolve
 
 OPENAPI = pathlib.Path(__file__).parents[2] / "services" / "center" / "openapi.json"
 
@@ -27,26 +28,7 @@ def test_every_route_is_documented_and_nothing_else():
 
 
 def test_every_reference_resolves():
-    doc = json.loads(OPENAPI.read_text())
-    refs = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, val in node.items():
-                if k == "$ref":
-                    refs.append(val)
-                else:
-                    walk(val)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(doc)
-    assert refs
-    for ref in refs:
-        target = doc
-        for part in ref.removeprefix("#/").split("/"):
-            target = target[part]
+    assert_refs_resolve(json.loads(OPENAPI.read_text()))
 
 
 def test_error_statuses():

@@ -5,6 +5,7 @@ import pathlib
 
 from services.dispatcher import http_api
 from services.dispatcher.config import DispatcherConfig
+from tests.openapi_refs import assert_refs_resolve
 
 OPENAPI = pathlib.Path(__file__).parents[2] / "services" / "dispatcher" / "openapi.json"
 
@@ -24,21 +25,4 @@ def test_the_served_document_is_the_file():
 
 
 def test_every_reference_resolves():
-    doc = json.loads(OPENAPI.read_text())
-    refs = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            refs.extend(v for k, v in node.items() if k == "$ref")
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(doc)
-    assert refs
-    for ref in refs:
-        target = doc
-        for part in ref.removeprefix("#/").split("/"):
-            target = target[part]
+    assert_refs_resolve(json.loads(OPENAPI.read_text()))
