@@ -67,6 +67,8 @@ class Discovery:
         self.refresh_s = refresh_s
         self._mine: dict[tuple[str, str], Instance] = {}
         self._cache: dict[str, tuple[float, list[Instance]]] = {}
+        # per service, every instance a read found: id -> (its record's expiry in unix ms, it)
+        self._seen: dict[str, dict[str, tuple[int, Instance]]] = {}
         self._task: asyncio.Task | None = None
 
     async def announce(self, inst: Instance) -> None:
@@ -104,12 +106,20 @@ class Discovery:
         await pipe.execute()
 
     async def _heartbeat_loop(self) -> None:
+        pause, failing = self.ttl_s / 3, False
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            await asyncio.sleep(pause)
             try:
                 await self._beat()
             except Exception as exc:  # Redis down: keep trying; peers drop us after the TTL
-                log.warning("discovery heartbeat failed: %s", exc)
+                # again within a second, not a third of the TTL: after a Redis restart the first
+                # command on a pooled connection fails, and peers must see us back soon
+                (log.debug if failing else log.warning)("discovery heartbeat failed: %s", exc)
+                pause, failing = min(1.0, self.ttl_s / 3), True
+            else:
+                if failing:
+                    log.info("discovery heartbeat through again")
+                pause, failing = self.ttl_s / 3, False
 
     async def instances(self, service: str, fresh: bool = False) -> list[Instance]:
         now = time.monotonic()
@@ -117,22 +127,43 @@ class Discovery:
         if cached and not fresh and now - cached[0] < self.refresh_s:
             return cached[1]
         try:
-            found = await self._read(service)
+            found = await self._with_vanished(service, await self._read(service))
         except Exception as exc:
             if cached:  # serve the last known list rather than nothing while Redis blips
                 log.warning("discovery read of %s failed, using cache: %s", service, exc)
                 return cached[1]
             raise
-        if not found and cached and cached[1] and now - cached[0] < self.ttl_s:
-            # None at all where there were some within a TTL. Those that did not withdraw are
-            # kept until their records would have expired anyway: when Redis lost its data they
-            # come back with their next heartbeat (within ttl_s / 3), and calls meanwhile do not
-            # all fail for "no live instance".
-            kept = await self._not_withdrawn(service, cached[1])
-            if kept:
-                return kept
         self._cache[service] = (now, found)
         return found
+
+    async def _with_vanished(self, service: str, found: list[tuple[Instance, int]]) -> list[Instance]:
+        """``found`` plus the instances an earlier read found whose records vanished before they
+        expired without a withdrawal: Redis lost its data, and they come back with their next
+        heartbeat. Until then they are live as their records said (their sessions are registered
+        again sooner, and a push must not take them for dead). A withdrawal leaves a marker, so an
+        instance that left is gone at once; one that died stops renewing and expires as before."""
+        now_ms = int(time.time() * 1000)
+        seen = self._seen.setdefault(service, {})
+        out = []
+        for inst, expires_ms in found:
+            seen[inst.id] = (expires_ms, inst)
+            out.append(inst)
+        present = {i.id for i in out}
+        vanished = []
+        for iid, (expires_ms, inst) in list(seen.items()):
+            if expires_ms <= now_ms:
+                del seen[iid]
+            elif iid not in present:
+                vanished.append(inst)
+        if vanished:
+            kept = await self._not_withdrawn(service, vanished)
+            kept_ids = {i.id for i in kept}
+            for inst in vanished:
+                if inst.id not in kept_ids:
+                    seen.pop(inst.id, None)
+            out += kept
+            out.sort(key=lambda i: i.id)
+        return out
 
     async def _not_withdrawn(self, service: str, instances: list[Instance]) -> list[Instance]:
         try:
@@ -141,17 +172,18 @@ class Discovery:
             return []
         return [i for i, g in zip(instances, gone, strict=True) if not g]
 
-    async def _read(self, service: str) -> list[Instance]:
+    async def _read(self, service: str) -> list[tuple[Instance, int]]:
+        """The live instances in Redis with their records' expiries (unix ms), by id."""
         now_ms = int(time.time() * 1000)
-        ids = await self._redis.zrangebyscore(_zkey(service), now_ms, "+inf")
-        if not ids:
+        scored = await self._redis.zrangebyscore(_zkey(service), now_ms, "+inf", withscores=True)
+        if not scored:
             return []
-        raw = await self._redis.hmget(_hkey(service), ids)
+        raw = await self._redis.hmget(_hkey(service), [i for i, _ in scored])
         out = []
-        for text in raw:
+        for (_, expires), text in zip(scored, raw, strict=True):
             if text:
                 try:
-                    out.append(Instance.from_json(text))
+                    out.append((Instance.from_json(text), int(expires)))
                 except (ValueError, TypeError) as exc:
                     log.warning("bad discovery record for %s: %s", service, exc)
         # prune the dead now and then (cheap; any reader may do it)
@@ -161,7 +193,7 @@ class Discovery:
             pipe.zremrangebyscore(_zkey(service), "-inf", now_ms - 1)
             pipe.hdel(_hkey(service), *dead)
             await pipe.execute()
-        out.sort(key=lambda i: i.id)
+        out.sort(key=lambda p: p[0].id)
         return out
 
     async def close(self) -> None:

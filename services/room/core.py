@@ -842,9 +842,21 @@ class RoomInstance:
                             len(chunk), failed, pause)
                 await asyncio.sleep(pause)
         for i in range(0, len(sessions), REREGISTER_CHUNK):
-            chunk = [s for s in sessions[i:i + REREGISTER_CHUNK] if s.state in (OPEN, DETACHED)]
-            await self._submit_all(self.backends.load_inbox, [ipb.InboxKey(uid=s.uid, apps=s.apps) for s in chunk],
-                                   [self._loaded_for(s) for s in chunk])
+            chunk = sessions[i:i + REREGISTER_CHUNK]
+            tries = 0
+            while True:  # a failed load (saver rebuilding, its Redis just back) leaves pushes unseen
+                chunk = [s for s in chunk if s.state in (OPEN, DETACHED)]
+                failed: list[Session] = []
+                await self._submit_all(self.backends.load_inbox, [ipb.InboxKey(uid=s.uid, apps=s.apps) for s in chunk],
+                                       [self._reloaded_for(s, failed) for s in chunk])
+                if not failed:
+                    break
+                pause = REREGISTER_RETRY_PAUSES_S[min(tries, len(REREGISTER_RETRY_PAUSES_S) - 1)]
+                tries += 1
+                log.warning("reading %d inboxes again after the register epoch change failed; next try in %.0fs",
+                            len(failed), pause)
+                chunk = failed
+                await asyncio.sleep(pause)
         log.info("registered %d sessions again after the register epoch change", len(sessions))
         self._reregister_task = None
 
@@ -854,6 +866,16 @@ class RoomInstance:
                 # it ended while its write was queued: its unregister went first, so again now
                 self._submit(self.backends.unregister, self._session_pb(session))
         return registered
+
+    def _reloaded_for(self, session: Session, failed: list[Session]) -> Callable:
+        """``_loaded_for``, also noting a failed load in ``failed``."""
+        loaded = self._loaded_for(session)
+
+        def done(inbox: ipb.Inbox | None, err: BaseException | None) -> None:
+            loaded(inbox, err)
+            if err is not None:
+                failed.append(session)
+        return done
 
     def _loaded_for(self, session: Session) -> Callable:
         """The completion of an inbox load for ``session``: deliver what came (on error the

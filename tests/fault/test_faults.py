@@ -459,10 +459,13 @@ def _scenario(env: Env, fault: Fault) -> None:
     if missing:
         t_acc = {m: round(accepted[m].t - t_fault, 2) for m in missing[:20]}
         states = rec["missing_states"] = {str(m): _state(e, m) for m in missing[:5]}
+        view = h.client_view()
+        # one line each: a long line is cut short where CI output is shown
         failures.append(f"{len(missing)} of {len(accepted)} accepted msg_ids never reached the handler within "
-                        f"{DELIVER_S} s of the heal: " + ", ".join(f"{m} (uid {accepted[m].uid}, sent at "
-                                                                   f"{t_acc[m]:+.2f} s)" for m in missing[:20])
-                        + f"; server state of the first: {states}")
+                        f"{DELIVER_S} s of the heal (t = seconds after the fault):\n" + "\n".join(
+                            f"  {m} uid {accepted[m].uid} t {t_acc[m]:+.2f} server {states.get(str(m), '-')} "
+                            f"client {view.get(accepted[m].uid, {}).get('state', '?')} port {view.get(accepted[m].uid, {}).get('port')}"
+                            for m in missing[:20]))
     if dups:
         failures.append(f"{len(dups)} msg_ids handed to the app more than once: {dict(list(dups.items())[:20])}")
     if wrong:

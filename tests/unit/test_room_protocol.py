@@ -445,6 +445,35 @@ async def test_a_new_register_epoch_registers_every_session_again_and_reads_thei
     assert h.room._reregister_task is None
 
 
+async def test_an_inbox_read_that_fails_after_a_register_epoch_change_is_tried_again(monkeypatch):
+    """Pushes while register had lost its sessions found nobody online and were only stored; if the
+    read that follows the re-registration fails (saver still rebuilding its Redis), they would
+    wait for the client's next connect, however long it stays connected."""
+    from services.room import core
+
+    monkeypatch.setattr(core, "REREGISTER_RETRY_PAUSES_S", (0.0,))
+    backends = FakeBackends()
+    h = RoomHarness(backends=backends)
+    c = h.client()
+    c.login(uid="u0")
+    h.room.on_register_epoch("e1")
+    h.room.on_register_epoch("e2")
+    await asyncio.sleep(0)
+    backends.register.complete()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [k.uid for k, _ in backends.load_inbox.items] == ["u0"]
+    backends.load_inbox.complete(None, error=RuntimeError("saver: Redis unavailable"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert [k.uid for k, _ in backends.load_inbox.items] == ["u0"], "the failed read is tried again"
+    backends.load_inbox.complete(lambda key: ipb.Inbox(uid=key.uid, messages=[message(7, uid=key.uid)]))
+    assert c.pushed() == [7]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert h.room._reregister_task is None
+
+
 async def test_the_periodic_epoch_check_asks_register():
     backends = FakeBackends()
     h = RoomHarness(backends=backends, register_check_s=2)
