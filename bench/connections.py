@@ -280,6 +280,8 @@ class Worker:
         self.tick = 0
         self.routing = True
         self.connected = asyncio.Event()
+        self._ping = b""
+        self.ping_due: collections.deque = collections.deque()  # (tick held or last pinged, fd) while connecting
         self.held = self.errors = self.failed = self.pongs = self.lost = self.retries = 0
         self.auth_on_writable = 0  # AUTHs that waited for EPOLLOUT (connect not done on return)
         self.error_kinds: dict[str, int] = {}
@@ -402,6 +404,7 @@ class Worker:
                 del pending[fd]
                 socks[fd] = sock
                 self.held += 1
+                self.ping_due.append((self.tick, fd))
                 self._authenticated(fd, st[1], data)
             elif len(data) >= 12 and data[5] == 13:  # ERROR, maybe with a retry-after
                 self._end(fd, sock, st[1], self._error(data[12:int.from_bytes(data[:4], "big")]))
@@ -505,13 +508,47 @@ class Worker:
                     self._end(fd, st[0], st[1], 0, "handshake_timeout:" + stuck_where(st[0]))
                 print(json.dumps({"t": round(now - started, 2), "held": self.held, "failed": self.failed,
                                   "errors": self.errors, "inflight": len(self.pending)}), flush=True)
+                if not self.connected.is_set():
+                    self._ping_while_connecting()
             self.fill()
+
+    def _ping_while_connecting(self) -> None:
+        """Once a second while others still connect: PING the held connections that have gone a
+        heartbeat without one, as a client does. A connect phase longer than the heartbeat
+        deadline (interval x 1.5 + grace, ~8 min at 300 s) would else see the room close the
+        first connections for silence; a shorter one sends none (as before)."""
+        due, socks, hb = self.ping_due, self.socks, self.args.heartbeat_s
+        conns = []
+        while due and due[0][0] <= self.tick - hb:
+            fd = due.popleft()[1]
+            sock = socks.get(fd)
+            if sock is not None:
+                conns.append((fd, sock))
+                due.append((self.tick, fd))
+        self._send_pings(conns)
+
+    def _send_pings(self, conns) -> None:
+        from services.common.codec import Op, encode
+
+        ping = self._ping or encode(Op.PING)
+        self._ping = ping
+        tls = self.tls
+        for fd, sock in conns:
+            try:
+                if tls:
+                    st = tls.get(fd)
+                    if st is None:
+                        continue
+                    st[0].write(ping)
+                    sock.send(st[2].read())
+                else:
+                    sock.send(ping)
+            except (OSError, ssl.SSLError):
+                pass  # lost (closed) or a full buffer: the next round pings again
 
     # ------------------------------------------------------------ phases
     async def run(self) -> None:
         import aiohttp
-
-        from services.common.codec import Op, encode
 
         a = self.args
         loop = asyncio.get_running_loop()
@@ -575,26 +612,13 @@ class Worker:
         # Hold until the parent closes our stdin (it does so hold_s after *every* worker is connected:
         # a per-worker timer would let early workers drop their connections before the last one is
         # done). PING every heartbeat, spread evenly over the interval: one loop, no timer per connection.
-        ping = encode(Op.PING)
         hard_end = connected_at + a.connect_timeout_s + a.hold_s + 60  # the parent died: stop anyway
         conns = list(self.socks.items())
         slices = max(1, a.heartbeat_s * 10)
         k = 0
-        tls = self.tls
         while not stop.is_set() and time.monotonic() < hard_end:
             step = len(conns) // slices + 1
-            for fd, sock in conns[(k % slices) * step:(k % slices + 1) * step]:
-                try:
-                    if tls:
-                        st = tls.get(fd)
-                        if st is None:
-                            continue
-                        st[0].write(ping)
-                        sock.send(st[2].read())
-                    else:
-                        sock.send(ping)
-                except (OSError, ssl.SSLError):
-                    pass  # lost (closed) or a full buffer: the next round pings again
+            self._send_pings(conns[(k % slices) * step:(k % slices + 1) * step])
             k += 1
             await asyncio.sleep(0.1)
         ticker.cancel()
@@ -629,6 +653,65 @@ def one_run_at_a_time(busy: str = "another benchmark run is in progress"):
         print(json.dumps({"error": busy}), file=sys.stderr)
         return None
     return lock
+
+
+def rpc_counts(cluster) -> dict[str, float]:
+    """Client-side RPC counts of every process, by "service.Method" (pylon_rpc_seconds_count)."""
+    import urllib.request
+
+    import redis
+
+    r = redis.Redis(host=cluster.host, port=cluster.ports.redis)
+    out: dict[str, float] = {}
+    try:
+        for service in ("room", "center", "register", "saver", "coordinator", "dispatcher"):
+            for raw in r.hvals(f"pylon:discinfo:{service}"):
+                info = json.loads(raw)
+                if not info.get("metrics"):
+                    continue
+                try:
+                    with urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=5) as resp:
+                        body = resp.read().decode()
+                except OSError:
+                    continue
+                for line in body.splitlines():
+                    # client-side RPCs (count and seconds), the saver's MySQL statements and rows
+                    for prefix, kind, name in (("pylon_rpc_seconds_", "rpc", "method"),
+                                               ("pylon_saver_mysql_seconds_", "mysql", "op"),
+                                               ("pylon_saver_mysql_batch_rows_", "mysql_rows", "op")):
+                        if not line.startswith(prefix) or "_bucket" in line or "{" not in line:
+                            continue
+                        stat = line[len(prefix):line.index("{")]  # count | sum
+                        labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+                        label = labels[name].strip(chr(34))
+                        if kind == "rpc":
+                            label = f"{labels['service'].strip(chr(34))}.{label}"
+                        key = f"{kind}:{label}:{stat}"
+                        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    finally:
+        r.close()
+    return out
+
+
+def internal_stats(before: dict[str, float], after: dict[str, float], messages: int) -> dict:
+    """Per phase: internal RPCs per message and their mean latency (ms); the saver's MySQL
+    statements per message, their mean latency (the group commit: innodb_flush_log_at_trx_commit
+    = 1, so each one waits for its log flush) and rows per statement."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+    rpcs, rpc_ms, mysql, mysql_ms, rows = {}, {}, {}, {}, {}
+    for key, v in d.items():
+        kind, label, stat = key.split(":")
+        if stat != "count" or v <= 0:
+            continue
+        total = d.get(f"{kind}:{label}:sum", 0.0)
+        if kind == "rpc":
+            rpcs[label], rpc_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
+        elif kind == "mysql":
+            mysql[label], mysql_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
+        else:
+            rows[label] = round(total / v, 1)
+    return {"rpcs_per_msg": dict(sorted(rpcs.items())), "rpc_mean_ms": dict(sorted(rpc_ms.items())),
+            "mysql_statements_per_msg": mysql, "mysql_statement_mean_ms": mysql_ms, "mysql_rows_per_statement": rows}
 
 
 def run_header() -> dict:
@@ -760,6 +843,7 @@ def main() -> int:
                     raise RuntimeError(f"worker {i} exited before it was ready")
         if len(ready) < len(workers):
             raise RuntimeError(f"{len(workers) - len(ready)} workers not ready after 600 s")
+        rpc0 = rpc_counts(cluster)
         cpu0 = {pid: cpu_s(pid) for pid in server_pids}
         room_ctx0 = sum(ctx_switches(pid) for pid in room_pids)
         client0 = [cpu_times(w.pid) for w in workers]
@@ -832,6 +916,11 @@ def main() -> int:
                     (sum(ctx_switches(pid) for pid in room_pids) - room_ctx0) / max(1, held), 2)
                 # everything busy on the machine meanwhile (ksoftirqd, and anything else running)
                 result["machine_cpu_s_connect"] = round(machine_full - machine0, 1)
+                # internal calls per connect by method, with their mean latency (scraped after the
+                # CPU reading: a scrape of every process costs a little CPU itself)
+                stats = internal_stats(rpc0, rpc_counts(cluster), max(1, held))
+                result["rpcs_per_connect"] = stats["rpcs_per_msg"]
+                result["rpc_mean_ms"] = stats["rpc_mean_ms"]
                 # memory after a short settle: per-connection RSS of the room processes
                 time.sleep(min(10, args.hold_s / 2))
                 rss = {pid: rss_kib(pid) for pid in room_pids}

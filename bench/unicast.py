@@ -370,63 +370,8 @@ def server_processes(cluster) -> dict[int, str]:
     return names
 
 
-def rpc_counts(cluster) -> dict[str, float]:
-    """Client-side RPC counts of every process, by "service.Method" (pylon_rpc_seconds_count)."""
-    import urllib.request
-
-    import redis
-
-    r = redis.Redis(host=cluster.host, port=cluster.ports.redis)
-    out: dict[str, float] = {}
-    try:
-        for service in ("room", "center", "register", "saver", "coordinator", "dispatcher"):
-            for raw in r.hvals(f"pylon:discinfo:{service}"):
-                info = json.loads(raw)
-                if not info.get("metrics"):
-                    continue
-                try:
-                    with urllib.request.urlopen(f"http://{info['metrics']}/metrics", timeout=5) as resp:
-                        body = resp.read().decode()
-                except OSError:
-                    continue
-                for line in body.splitlines():
-                    # client-side RPCs (count and seconds), the saver's MySQL statements and rows
-                    for prefix, kind, name in (("pylon_rpc_seconds_", "rpc", "method"),
-                                               ("pylon_saver_mysql_seconds_", "mysql", "op"),
-                                               ("pylon_saver_mysql_batch_rows_", "mysql_rows", "op")):
-                        if not line.startswith(prefix) or "_bucket" in line or "{" not in line:
-                            continue
-                        stat = line[len(prefix):line.index("{")]  # count | sum
-                        labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
-                        label = labels[name].strip(chr(34))
-                        if kind == "rpc":
-                            label = f"{labels['service'].strip(chr(34))}.{label}"
-                        key = f"{kind}:{label}:{stat}"
-                        out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-    finally:
-        r.close()
-    return out
-
-
-def internal_stats(before: dict[str, float], after: dict[str, float], messages: int) -> dict:
-    """Per phase: internal RPCs per message and their mean latency (ms); the saver's MySQL
-    statements per message, their mean latency (the group commit: innodb_flush_log_at_trx_commit
-    = 1, so each one waits for its log flush) and rows per statement."""
-    d = {k: after[k] - before.get(k, 0.0) for k in after}
-    rpcs, rpc_ms, mysql, mysql_ms, rows = {}, {}, {}, {}, {}
-    for key, v in d.items():
-        kind, label, stat = key.split(":")
-        if stat != "count" or v <= 0:
-            continue
-        total = d.get(f"{kind}:{label}:sum", 0.0)
-        if kind == "rpc":
-            rpcs[label], rpc_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
-        elif kind == "mysql":
-            mysql[label], mysql_ms[label] = round(v / messages, 3), round(1000 * total / v, 2)
-        else:
-            rows[label] = round(total / v, 1)
-    return {"rpcs_per_msg": dict(sorted(rpcs.items())), "rpc_mean_ms": dict(sorted(rpc_ms.items())),
-            "mysql_statements_per_msg": mysql, "mysql_statement_mean_ms": mysql_ms, "mysql_rows_per_statement": rows}
+rpc_counts = conn_bench.rpc_counts
+internal_stats = conn_bench.internal_stats
 
 
 def cpu_by_pid(pids) -> dict[int, float]:

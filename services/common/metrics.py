@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import PROCESS_COLLECTOR
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,66 @@ RPC_FAILOVERS = Counter(
 QUEUE_DEPTH = Gauge("pylon_queue_depth", "Items waiting in a bounded queue", ["queue"])
 SHED = Counter("pylon_shed_total", "Items refused because a bounded queue was full", ["queue"])
 ERRORS = Counter("pylon_errors_total", "Errors by kind (whose fault: peer, backend, bug)", ["kind"])
+
+
+class ProcessFigures:
+    """The standard ``process_*`` series (CPU, memory, start time, open and max fds) with the
+    open descriptors counted by one stat(): Linux (6.2 on) reports their number as the size of
+    /proc/self/fd. prometheus-client's collector lists that directory, ~18 ms per scrape for a
+    room instance holding 15,000 connections, scraped every few seconds by every center and by
+    Prometheus. Where the size reads 0 (an older kernel) the directory is listed."""
+
+    def __init__(self) -> None:
+        self._ticks = float(os.sysconf("SC_CLK_TCK"))
+        self._pagesize = resource.getpagesize()
+        self._btime = 0.0
+        try:
+            with open("/proc/stat", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"btime "):
+                        self._btime = float(line.split()[1])
+        except OSError:
+            pass
+
+    def collect(self):
+        if not self._btime:
+            return []
+        out = []
+        try:
+            with open("/proc/self/stat", "rb") as fh:
+                parts = fh.read().split(b")")[-1].split()
+            out += [
+                GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory size in bytes.",
+                                  value=float(parts[20])),
+                GaugeMetricFamily("process_resident_memory_bytes", "Resident memory size in bytes.",
+                                  value=float(parts[21]) * self._pagesize),
+                GaugeMetricFamily("process_start_time_seconds",
+                                  "Start time of the process since unix epoch in seconds.",
+                                  value=float(parts[19]) / self._ticks + self._btime),
+                CounterMetricFamily("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.",
+                                    value=(float(parts[11]) + float(parts[12])) / self._ticks),
+            ]
+        except (OSError, IndexError, ValueError):
+            pass
+        try:
+            fds = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+            out += [GaugeMetricFamily("process_open_fds", "Number of open file descriptors.", value=float(fds)),
+                    GaugeMetricFamily("process_max_fds", "Maximum number of open file descriptors.",
+                                      value=float(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))]
+        except OSError:
+            pass
+        return out
+
+
+def _use_process_figures() -> None:
+    try:
+        REGISTRY.unregister(PROCESS_COLLECTOR)
+    except KeyError:
+        return  # already replaced (this module imported twice under another name)
+    REGISTRY.register(ProcessFigures())
+
+
+_use_process_figures()
 
 
 class _MetricsHttp(asyncio.Protocol):
