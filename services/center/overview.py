@@ -37,11 +37,6 @@ GONE_KEPT_S = WINDOW_S
 MAX_LISTED_ROOMS = 500
 # parked per app is a scan of MySQL's message log: taken this often, not every sample
 PARKED_EVERY_S = 15.0
-# online-per-app is counted from the session store: up to this many users exactly, beyond it
-# estimated from that many (a sample of 2,000 puts a 10 % app within ~1.3 points, 95 % of the time)
-ONLINE_SAMPLE_USERS = 2000
-SCAN_BATCH = 500
-MAX_SCAN_CALLS = 40
 # MySQL counts parked rows with a full scan (no (app, state) index); MariaDB stops it after this
 PARKED_QUERY_MAX_S = 1.0
 STORE_CHECK_TIMEOUT_S = 1.0
@@ -77,8 +72,10 @@ GAUGES = {
     "webhook_queue": "pylon_webhook_queue_depth",
     "saver_rebuilding": "pylon_saver_rebuilding",
 }
+# online per app: every room instance's sessions bound to each app (OPEN and DETACHED)
+APP_SESSIONS = "pylon_room_app_sessions"
 WANTED = frozenset({s for s, _ in COUNTERS.values()} | set(APP_COUNTERS.values()) | set(GAUGES.values())
-                   | {"pylon_center_http_requests_total"})
+                   | {"pylon_center_http_requests_total", APP_SESSIONS})
 # the charts: figure names in each sample's "rates" or "gauges"
 CHART_RATES = ("messages", "delivered", "acks", "connects", "broadcasts", "errors")
 CHART_GAUGES = ("sessions", "connections")
@@ -113,6 +110,8 @@ class Sample:
     counters: dict[str, dict[str, float]] = field(default_factory=dict, repr=False)
     stamps: dict[str, int] = field(default_factory=dict, repr=False)  # when each process's counters were read
     room_connections: dict[str, float] = field(default_factory=dict)
+    app_online: dict[str, float] = field(default_factory=dict)  # sessions per app over the rooms that answered
+    rooms_unanswered: int = 0
     scraped: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
 
@@ -128,10 +127,13 @@ def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Samp
     counters: dict[str, dict[str, float]] = {}
     stamps: dict[str, int] = {}
     room_connections: dict[str, float] = {}
+    app_online: dict[str, float] = {}
+    rooms_unanswered = 0
     failed = []
     for s in scrapes:
         proc = f"{s.instance.service}/{s.instance.id}"
         if s.error:
+            rooms_unanswered += s.instance.service == "room"
             failed.append({"service": s.instance.service, "id": s.instance.id, "error": s.error[:200]})
             if previous is not None and proc in previous.counters \
                     and t_ms - previous.stamps[proc] <= CARRY_MAX_S * 1000:
@@ -144,6 +146,8 @@ def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Samp
         counters[proc], stamps[proc] = _counter_values(s), t_ms
         if s.instance.service == "room":
             room_connections[s.instance.id] = s.value(GAUGES["connections"])
+            for app, v in s.by_label(APP_SESSIONS, "app").items():
+                app_online[app] = app_online.get(app, 0.0) + v
     rates: dict[str, float] = {}
     app_rates: dict[str, dict[str, float]] = {}
     if previous is not None and t_ms > previous.t_ms:
@@ -168,8 +172,8 @@ def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Samp
             + rates["register_errors"]
         rates["webhook_failed"] = rates["webhook_attempts"] - rates["webhook_ok"]
     return Sample(t_ms=t_ms, gauges=gauges, rates=rates, app_rates=app_rates, app_queue=app_queue,
-                  counters=counters, stamps=stamps, room_connections=room_connections, scraped=len(scrapes),
-                  failed=failed)
+                  counters=counters, stamps=stamps, room_connections=room_connections, app_online=app_online,
+                  rooms_unanswered=rooms_unanswered, scraped=len(scrapes), failed=failed)
 
 
 @dataclass(slots=True)
@@ -183,43 +187,6 @@ class AppStoreFigures:
     parked_error: str = ""
     apps: list[str] = field(default_factory=list)
     t_ms: int = 0
-
-
-async def online_per_app(redis, limit: int = ONLINE_SAMPLE_USERS) -> tuple[dict[str, int], int, bool]:
-    """Sessions bound to each app among up to ``limit`` online users of the session store
-    (register's keys): (per app, sessions read, whether every online user was read)."""
-    from google.protobuf.message import DecodeError
-
-    from services.common.pb import internal_pb2
-    from services.register.keys import USER_PREFIX
-
-    users: list[bytes] = []
-    cursor, calls = 0, 0
-    while len(users) < limit and calls < MAX_SCAN_CALLS:
-        cursor, found = await redis.scan(cursor, match=USER_PREFIX + "*", count=SCAN_BATCH)
-        users.extend(found)
-        calls += 1
-        if int(cursor) == 0:
-            break
-    complete = int(cursor) == 0 and len(users) <= limit
-    users = users[:limit]
-    counts: dict[str, int] = {}
-    sessions = 0
-    if users:
-        pipe = redis.pipeline(transaction=False)
-        for key in users:
-            pipe.hvals(key)
-        for values in await pipe.execute():
-            for raw in values:
-                s = internal_pb2.Session()
-                try:
-                    s.ParseFromString(raw)
-                except DecodeError:  # register counts and logs corrupt records; skipped here
-                    continue
-                sessions += 1
-                for app in set(s.apps):
-                    counts[app] = counts.get(app, 0) + 1
-    return counts, sessions, complete
 
 
 async def app_ids(pool) -> list[str]:
@@ -283,7 +250,6 @@ class OverviewCollector:
             started = time.monotonic()
             try:
                 await self.sample()
-                await self._read_online()
                 await self._read_apps()
                 if started - last_tables >= PARKED_EVERY_S:
                     last_tables = started
@@ -312,19 +278,18 @@ class OverviewCollector:
         if previous is not None:
             previous.counters, previous.stamps = {}, {}  # only the newest keeps per-process values
         self.ring.append(sample)
+        self._online_from(sample)
         return sample
 
-    async def _read_online(self) -> None:
+    def _online_from(self, sample: Sample) -> None:
+        """Online per app from the rooms' own counts (no read of the session store): exact for
+        the instances that answered; short by those that did not, which the overview says."""
         figures = self._app_store
-        try:
-            online, sessions_read, complete = await asyncio.wait_for(online_per_app(self._redis),
-                                                                     STORE_CHECK_TIMEOUT_S * 5)
-        except (*BACKEND_ERRORS, TimeoutError) as exc:
-            figures.online_error = describe(exc)
-            return
-        figures.online = online if complete else self._scale_online(online, sessions_read)
-        figures.online_estimated, figures.online_error = not complete, ""
-        figures.t_ms = int(self._clock() * 1000)
+        figures.online = {app: int(v) for app, v in sample.app_online.items()}
+        figures.online_estimated = False
+        figures.online_error = (f"{sample.rooms_unanswered} room instances did not answer; their sessions are not counted"
+                                if sample.rooms_unanswered else "")
+        figures.t_ms = sample.t_ms
 
     async def _read_apps(self) -> None:
         try:
@@ -339,13 +304,6 @@ class OverviewCollector:
             figures.parked_error = ""
         except (*BACKEND_ERRORS, TimeoutError) as exc:
             figures.parked_error = describe(exc)
-
-    def _scale_online(self, sampled: dict[str, int], sessions_read: int) -> dict[str, int]:
-        """Per-app session counts of a sample of users scaled to the cluster's session total."""
-        total = self.ring[-1].gauges.get("sessions", 0.0) if self.ring else 0.0
-        if not sessions_read or not total:
-            return sampled
-        return {app: int(round(n * total / sessions_read)) for app, n in sampled.items()}
 
     # ------------------------------------------------------------ answering
 

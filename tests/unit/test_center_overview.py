@@ -107,3 +107,12 @@ def test_a_process_missing_one_round_gets_its_rate_over_both_intervals():
     assert second.rates["messages"] == 0.0 and second.counters == first.counters
     third = aggregate([scrape("center", "c1", center_text(40, {}))], second, 4_000)
     assert third.rates["messages"] == 10.0  # 40 over the 4 s since c1 last answered
+
+
+def test_online_per_app_sums_the_rooms_own_counts_and_names_rooms_that_did_not_answer():
+    text = ROOM_TEXT + 'pylon_room_app_sessions{app="a"} 5.0\npylon_room_app_sessions{app="b"} 2.0\n'
+    other = ROOM_TEXT + 'pylon_room_app_sessions{app="a"} 3.0\n'
+    silent = Scrape(Instance(service="room", id="r3"), error="timed out")
+    sample = aggregate([scrape("room", "r1", text), scrape("room", "r2", other), silent], None, 1000)
+    assert sample.app_online == {"a": 8.0, "b": 2.0}
+    assert sample.rooms_unanswered == 1
