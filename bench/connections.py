@@ -613,7 +613,15 @@ class Worker:
         # a per-worker timer would let early workers drop their connections before the last one is
         # done). PING every heartbeat, spread evenly over the interval: one loop, no timer per connection.
         hard_end = connected_at + a.connect_timeout_s + a.hold_s + 60  # the parent died: stop anyway
-        conns = list(self.socks.items())
+        # in the order of their last PING (or AUTH_OK): each connection keeps its cadence across
+        # the switch from the connect phase's schedule to this one, within the heartbeat deadline
+        conns, seen = [], set()
+        for _, fd in self.ping_due:
+            sock = self.socks.get(fd)
+            if sock is not None and fd not in seen:
+                seen.add(fd)
+                conns.append((fd, sock))
+        self.ping_due.clear()
         slices = max(1, a.heartbeat_s * 10)
         k = 0
         while not stop.is_set() and time.monotonic() < hard_end:
