@@ -220,7 +220,15 @@ def thaw(ps) -> None:
 
 async def test_queued_then_done_reaches_the_apps_sessions_only(system):
     app, other = await new_app(system), await new_app(system)
+    # a unicast waits in the inbox: its arrival after AUTH_OK shows that the login's inbox read is
+    # over, else a broadcast stored meanwhile comes with that read and the fan-out has nothing
+    # left to write (delivered 0)
+    status, sent, _ = await call(system.api, "POST", "/v1/push", {"uids": ["bcit-u1"], "payload": "stored"},
+                                 key=app["api_key"])
+    assert status == 200, sent
     bound = await connect(system, app, 0, "bcit-u1")
+    _, push = await bound.expect(Op.PUSH)
+    assert [x.payload for x in push.messages] == [b"stored"]
     elsewhere = await connect(system, other, 1, "bcit-u2")
     freeze(system.worker_procs())
     try:
