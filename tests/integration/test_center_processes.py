@@ -157,7 +157,14 @@ async def push_through_each(group: Group, app) -> None:
 
 
 async def test_stats_sum_both_processes_whichever_answers(group, app):
-    before = await stats_from_each(group, app)
+    async def both_see_both():
+        # each process reads discovery at most every refresh_s (2 s): one that started a moment
+        # before the other may not list it yet
+        snaps = await stats_from_each(group, app)
+        return snaps if all(x["instances"]["center"] == 2 for x in snaps.values()) else None
+
+    before = await wait_until(both_see_both, 10)
+    assert before, "a process still lists one center 10 s after both started"
     a, b = before.values()
     assert a["center"]["processes"] == b["center"]["processes"] == 2
     assert a["center"]["id"] != b["center"]["id"]
