@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from google.protobuf.message import DecodeError
 
@@ -827,38 +827,49 @@ class RoomInstance:
 
     async def _reregister_all(self) -> None:
         sessions = [s for s in self.all_sessions() if s.registered]
+
+        async def register(chunk: list[Session]) -> list[Session]:
+            failed = await self._submit_all(self.backends.register, [self._session_pb(s) for s in chunk],
+                                            [self._reregistered_for(s) for s in chunk])
+            if failed:
+                return chunk  # idempotent: the whole chunk again
+            m.REREGISTERED.inc(len(chunk))
+            return []
+
+        async def reload(chunk: list[Session]) -> list[Session]:
+            failed: list[Session] = []
+            await self._submit_all(self.backends.load_inbox, [ipb.InboxKey(uid=s.uid, apps=s.apps) for s in chunk],
+                                   [self._reloaded_for(s, failed) for s in chunk])
+            return failed
+
         for i in range(0, len(sessions), REREGISTER_CHUNK):
-            tries = 0
-            while True:  # until it gets through; a newer epoch change cancels this task
-                chunk = [s for s in sessions[i:i + REREGISTER_CHUNK] if s.registered]
-                failed = await self._submit_all(self.backends.register, [self._session_pb(s) for s in chunk],
-                                                [self._reregistered_for(s) for s in chunk])
-                if not failed:
-                    m.REREGISTERED.inc(len(chunk))
-                    break
-                pause = REREGISTER_RETRY_PAUSES_S[min(tries, len(REREGISTER_RETRY_PAUSES_S) - 1)]
-                tries += 1
-                log.warning("registering %d sessions again failed (%d errors); next try in %.0fs",
-                            len(chunk), failed, pause)
-                await asyncio.sleep(pause)
+            await self._until_through("registering sessions again", sessions[i:i + REREGISTER_CHUNK],
+                                      lambda s: s.registered, register)
+        # a failed read (saver rebuilding, its Redis just back) would leave the pushes that found
+        # nobody online meanwhile unseen until the client's next connect
         for i in range(0, len(sessions), REREGISTER_CHUNK):
-            chunk = sessions[i:i + REREGISTER_CHUNK]
-            tries = 0
-            while True:  # a failed load (saver rebuilding, its Redis just back) leaves pushes unseen
-                chunk = [s for s in chunk if s.state in (OPEN, DETACHED)]
-                failed: list[Session] = []
-                await self._submit_all(self.backends.load_inbox, [ipb.InboxKey(uid=s.uid, apps=s.apps) for s in chunk],
-                                       [self._reloaded_for(s, failed) for s in chunk])
-                if not failed:
-                    break
-                pause = REREGISTER_RETRY_PAUSES_S[min(tries, len(REREGISTER_RETRY_PAUSES_S) - 1)]
-                tries += 1
-                log.warning("reading %d inboxes again after the register epoch change failed; next try in %.0fs",
-                            len(failed), pause)
-                chunk = failed
-                await asyncio.sleep(pause)
+            await self._until_through("reading inboxes again", sessions[i:i + REREGISTER_CHUNK],
+                                      lambda s: s.state in (OPEN, DETACHED), reload)
         log.info("registered %d sessions again after the register epoch change", len(sessions))
         self._reregister_task = None
+
+    @staticmethod
+    async def _until_through(what: str, chunk: list[Session], keep: Callable[[Session], bool],
+                             send: Callable[[list[Session]], Awaitable[list[Session]]]) -> None:
+        """``send(sessions)`` (of ``chunk``, those still ``keep``) until it returns no session to
+        try again, pausing REREGISTER_RETRY_PAUSES_S between tries; a newer epoch change cancels
+        the task that waits here."""
+        tries = 0
+        while chunk := [s for s in chunk if keep(s)]:
+            again = await send(chunk)
+            if not again:
+                return
+            pause = REREGISTER_RETRY_PAUSES_S[min(tries, len(REREGISTER_RETRY_PAUSES_S) - 1)]
+            tries += 1
+            log.warning("%s after the register epoch change: %d of %d failed; next try in %.0fs", what,
+                        len(again), len(chunk), pause)
+            chunk = again
+            await asyncio.sleep(pause)
 
     def _reregistered_for(self, session: Session) -> Callable:
         def registered(_result, err: BaseException | None) -> None:
