@@ -111,7 +111,6 @@ class Sample:
     stamps: dict[str, int] = field(default_factory=dict, repr=False)  # when each process's counters were read
     room_connections: dict[str, float] = field(default_factory=dict)
     app_online: dict[str, float] = field(default_factory=dict)  # sessions per app over the rooms that answered
-    rooms_unanswered: int = 0
     scraped: int = 0
     failed: list[dict[str, str]] = field(default_factory=list)
 
@@ -128,12 +127,10 @@ def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Samp
     stamps: dict[str, int] = {}
     room_connections: dict[str, float] = {}
     app_online: dict[str, float] = {}
-    rooms_unanswered = 0
     failed = []
     for s in scrapes:
         proc = f"{s.instance.service}/{s.instance.id}"
         if s.error:
-            rooms_unanswered += s.instance.service == "room"
             failed.append({"service": s.instance.service, "id": s.instance.id, "error": s.error[:200]})
             if previous is not None and proc in previous.counters \
                     and t_ms - previous.stamps[proc] <= CARRY_MAX_S * 1000:
@@ -173,7 +170,7 @@ def aggregate(scrapes: list[Scrape], previous: Sample | None, t_ms: int) -> Samp
         rates["webhook_failed"] = rates["webhook_attempts"] - rates["webhook_ok"]
     return Sample(t_ms=t_ms, gauges=gauges, rates=rates, app_rates=app_rates, app_queue=app_queue,
                   counters=counters, stamps=stamps, room_connections=room_connections, app_online=app_online,
-                  rooms_unanswered=rooms_unanswered, scraped=len(scrapes), failed=failed)
+                  scraped=len(scrapes), failed=failed)
 
 
 @dataclass(slots=True)
@@ -181,7 +178,6 @@ class AppStoreFigures:
     """Per-app figures read from the stores, not from metrics."""
 
     online: dict[str, int] = field(default_factory=dict)
-    online_estimated: bool = False
     online_error: str = ""
     parked: dict[str, int] = field(default_factory=dict)
     parked_error: str = ""
@@ -286,9 +282,8 @@ class OverviewCollector:
         the instances that answered; short by those that did not, which the overview says."""
         figures = self._app_store
         figures.online = {app: int(v) for app, v in sample.app_online.items()}
-        figures.online_estimated = False
-        figures.online_error = (f"{sample.rooms_unanswered} room instances did not answer; their sessions are not counted"
-                                if sample.rooms_unanswered else "")
+        silent = sum(f["service"] == "room" for f in sample.failed)
+        figures.online_error = f"{silent} room instances did not answer; their sessions are not counted" if silent else ""
         figures.t_ms = sample.t_ms
 
     async def _read_apps(self) -> None:
@@ -439,7 +434,7 @@ class OverviewCollector:
             "instances": {s: len(v) for s, v in by_service.items()},
             "rooms": self._rooms(rooms, sample, now_ms),
             "apps": self._apps(rated or sample),
-            "apps_source": {"online_estimated": self._app_store.online_estimated,
+            "apps_source": {"online_estimated": False,  # always exact now; kept for older clients
                             "online_error": self._app_store.online_error,
                             "parked_error": self._app_store.parked_error, "read_ms": self._app_store.t_ms},
             "health": health,

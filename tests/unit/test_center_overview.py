@@ -115,4 +115,4 @@ def test_online_per_app_sums_the_rooms_own_counts_and_names_rooms_that_did_not_a
     silent = Scrape(Instance(service="room", id="r3"), error="timed out")
     sample = aggregate([scrape("room", "r1", text), scrape("room", "r2", other), silent], None, 1000)
     assert sample.app_online == {"a": 8.0, "b": 2.0}
-    assert sample.rooms_unanswered == 1
+    assert [f["id"] for f in sample.failed if f["service"] == "room"] == ["r3"]
