@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import connections as conn_bench  # noqa: E402  (worker, /proc readers, sysctls)
-import unicast  # noqa: E402  (acking worker, HTTP keep-alive client, pipes, server processes, RPC counts)
+import unicast  # noqa: E402  (acking worker, HTTP keep-alive client, pipes, server processes)
 from logins import Logins  # noqa: E402  (open-loop AUTH → AUTH_OK probe)
 from unicast import HttpConn, percentiles  # noqa: E402
 
@@ -692,7 +692,7 @@ async def run(args, result: dict) -> None:
         result["server_cpu_cores_idle_before"] = round(baseline, 3)
 
         # ---- phase 1: K broadcasts back to back; wait for the deliveries
-        rpc0 = await loop.run_in_executor(None, unicast.rpc_counts, cluster)
+        rpc0 = await loop.run_in_executor(None, conn_bench.rpc_counts, cluster)
         client_pids = main.pids() + keep.pids()
         me = os.getpid()
         cpu0 = {pid: conn_bench.cpu_s(pid) for pid in server_pids}
@@ -716,7 +716,7 @@ async def run(args, result: dict) -> None:
         cpu1 = {pid: conn_bench.cpu_s(pid) for pid in server_pids}
         cl1 = sum(conn_bench.cpu_s(p) for p in client_pids) + conn_bench.cpu_s(me)
         m1 = conn_bench.machine_busy_s()
-        rpc1 = await loop.run_in_executor(None, unicast.rpc_counts, cluster)
+        rpc1 = await loop.run_in_executor(None, conn_bench.rpc_counts, cluster)
         for g in (main, keep):
             g.poll()
         arrived = main.deliveries() + keep.deliveries()
@@ -747,7 +747,7 @@ async def run(args, result: dict) -> None:
             "server_cpu_us_per_delivery_by_service": {k: round(v * 1e6 / per, 2) for k, v in sorted(by_service.items())},
             "client_cpu_us_per_delivery": round((cl1 - cl0) * 1e6 / per, 2),
             "machine_busy_pct": round(100 * (m1 - m0) / max(window, 1e-9) / os.cpu_count()),
-            **{k.replace("_per_msg", "_per_delivery"): v for k, v in unicast.internal_stats(rpc0, rpc1, per).items()},
+            **{k.replace("_per_msg", "_per_delivery"): v for k, v in conn_bench.internal_stats(rpc0, rpc1, per).items()},
         }
         print(json.dumps({"broadcast_phase_done": reason, "arrived": arrived, "expected": expected,
                           "deliveries_per_s": result["phase"]["deliveries_per_s"],

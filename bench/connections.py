@@ -264,6 +264,7 @@ class Worker:
     HANDSHAKE_TIMEOUT_TICKS = 60  # seconds (the ticker counts whole seconds)
 
     def __init__(self, args) -> None:
+        from services.common.codec import Op, encode
         from services.common.pb import client_pb2 as cpb
 
         self.args = args
@@ -280,7 +281,7 @@ class Worker:
         self.tick = 0
         self.routing = True
         self.connected = asyncio.Event()
-        self._ping = b""
+        self.ping = encode(Op.PING)
         self.ping_due: collections.deque = collections.deque()  # (tick held or last pinged, fd) while connecting
         self.held = self.errors = self.failed = self.pongs = self.lost = self.retries = 0
         self.auth_on_writable = 0  # AUTHs that waited for EPOLLOUT (connect not done on return)
@@ -528,11 +529,7 @@ class Worker:
         self._send_pings(conns)
 
     def _send_pings(self, conns) -> None:
-        from services.common.codec import Op, encode
-
-        ping = self._ping or encode(Op.PING)
-        self._ping = ping
-        tls = self.tls
+        ping, tls = self.ping, self.tls
         for fd, sock in conns:
             try:
                 if tls:

@@ -370,10 +370,6 @@ def server_processes(cluster) -> dict[int, str]:
     return names
 
 
-rpc_counts = conn_bench.rpc_counts
-internal_stats = conn_bench.internal_stats
-
-
 def cpu_by_pid(pids) -> dict[int, float]:
     return {pid: conn_bench.cpu_s(pid) for pid in pids}
 
@@ -476,7 +472,7 @@ async def run(args, result: dict) -> None:
         for spec in args.phases.split(","):
             kind, _, arg = spec.partition(":")
             phase = f"p{len(phases_out)}"
-            rpc0 = await loop.run_in_executor(None, rpc_counts, cluster)
+            rpc0 = await loop.run_in_executor(None, conn_bench.rpc_counts, cluster)
             cpu0 = cpu_by_pid(server_pids)
             cl0 = sum(conn_bench.cpu_s(w.pid) for w in workers) + conn_bench.cpu_s(me)
             m0 = conn_bench.machine_busy_s()
@@ -500,7 +496,7 @@ async def run(args, result: dict) -> None:
             cpu1 = cpu_by_pid(server_pids)
             cl1 = sum(conn_bench.cpu_s(w.pid) for w in workers) + conn_bench.cpu_s(me)
             m1 = conn_bench.machine_busy_s()
-            rpc1 = await loop.run_in_executor(None, rpc_counts, cluster)
+            rpc1 = await loop.run_in_executor(None, conn_bench.rpc_counts, cluster)
             by_service: dict[str, float] = {}
             for pid in server_pids:
                 by_service[names[pid]] = by_service.get(names[pid], 0.0) + cpu1[pid] - cpu0[pid]
@@ -519,7 +515,7 @@ async def run(args, result: dict) -> None:
                 "server_cpu_pct": round(100 * server_s / max(elapsed + args.settle_s, 1e-9)),
                 "client_cpu_us_per_msg": round((cl1 - cl0) * 1e6 / ok),
                 "machine_busy_pct": round(100 * (m1 - m0) / max(elapsed + args.settle_s, 1e-9) / os.cpu_count()),
-                **internal_stats(rpc0, rpc1, ok),
+                **conn_bench.internal_stats(rpc0, rpc1, ok),
             })
             print(json.dumps({"phase_done": phases_out[-1]["phase"],
                               "messages_per_s": phases_out[-1].get("messages_per_s"),
