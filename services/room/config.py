@@ -45,6 +45,12 @@ class RoomConfig:
     # long even while nothing is in flight: each call costs its fixed CPU on both sides, and at
     # ~200 pushes/s an instance otherwise sent one MarkDelivered and one Ack per message.
     background_linger_ms: float = 20.0
+    # A unicast delivery attempt (the poison-message count) waits this long for the client's ACK,
+    # which then reports it to saver in the same write as the ack; only attempts still unacked
+    # after it go out as MarkDelivered. So a message acked at once costs one saver call and one
+    # MySQL row update, not two of each, and never two transactions on one row at the same time.
+    # A crash of the instance loses at most this much of the count. 0: report every attempt alone.
+    delivery_report_ms: float = 250.0
     # Broadcasts: a fan-out gathers the broadcasts that keep arriving for its app this long (up to
     # four times as long while they keep coming), so a burst leaves as a few PUSH frames per
     # session, each carrying several, instead of one frame (and one client ACK) per broadcast.
@@ -137,7 +143,7 @@ class RoomConfig:
         require(self.write_buffer_limit >= 4096, "room.write_buffer_limit", "must be >= 4096")
         require(self.max_batch >= 1, "room.max_batch", "must be >= 1")
         for name in ("batch_delay_ms", "connect_batch_delay_ms", "storm_batch_delay_ms", "background_linger_ms",
-                     "broadcast_linger_ms", "broadcast_ack_linger_ms"):
+                     "delivery_report_ms", "broadcast_linger_ms", "broadcast_ack_linger_ms"):
             require(0 <= getattr(self, name) <= 5000, f"room.{name}", "must be within 0..5000 ms")
         require(self.storm_batch_items >= 1, "room.storm_batch_items", "must be >= 1")
         require(0 < self.storm_rtt_factor <= 1000, "room.storm_rtt_factor", "must be within (0, 1000]")

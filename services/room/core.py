@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 MAX_IDS_PER_ACK = 4096
 # (uid, app) pairs whose broadcast acks may wait for the linger at most; more go to saver at once
 MAX_GATHERED_BROADCAST_ACKS = 50_000
+MAX_UNREPORTED_DELIVERIES = 100_000  # attempts waiting for an ACK to carry them (delivery_report_ms)
 # Keep a PUSH frame this far under max_frame so that header and protobuf framing always fit.
 PUSH_FRAME_SLACK = 512
 # The accept rate a shedding decision assumes at least: a quiet instance accepts ~0/s, and must
@@ -111,6 +112,10 @@ class RoomInstance:
         # (uid, app) -> broadcast ids acked and not yet sent to saver (see broadcast_ack_linger_ms)
         self._bc_acks: dict[tuple[str, str], list[int]] = {}
         self._bc_ack_timer: asyncio.TimerHandle | None = None
+        # msg_id -> [ref, attempts]: unicast deliveries written and not reported to saver yet
+        # (see delivery_report_ms); an ACK that comes first carries them instead of a MarkDelivered
+        self._unreported: dict[int, list] = {}
+        self._report_timer: asyncio.TimerHandle | None = None
         self.sessions = 0   # OPEN
         self.detached = 0   # DETACHED
         self.wheel = HeartbeatWheel(int(clock()))
@@ -244,6 +249,7 @@ class RoomInstance:
             self.close(conn.session)
             self._drop_link(conn)
         self.flush_broadcast_acks()
+        self.report_deliveries()
         return len(held)
 
     async def stop(self) -> None:
@@ -772,6 +778,7 @@ class RoomInstance:
                                  device_id=session.device_id)
         handed_over = self._session_pb(session)
         session.registered = False
+        self.report_deliveries()  # its ACKs now reach the other instance, which has not seen these attempts
         m.TAKEN.inc()
         m.closed_taken.inc()
         self.close(session, abort=True)
@@ -1103,17 +1110,48 @@ class RoomInstance:
 
     def _count_delivered(self, session: Session, fresh) -> None:
         """One delivery attempt per unicast message (the poison-message count); a broadcast copy
-        has no attempts: it is handed out again at connect until acked, within its TTL."""
+        has no attempts: it is handed out again at connect until acked, within its TTL.
+
+        Attempts wait ``delivery_report_ms`` (one timer for the instance): an ACK within that time
+        reports them with the ack (``MessageRef.deliveries``), so a message acked at once costs
+        saver one write, not a MarkDelivered and an Ack. Unacked ones go out as MarkDelivered."""
         uid = session.uid
         n = 0
+        unreported = self._unreported
+        direct = self.cfg.delivery_report_ms <= 0
         for msg in fresh:
             if msg.broadcast:
                 continue
-            self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
             n += 1
+            if direct:
+                self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
+                continue
+            e = unreported.get(msg.msg_id)
+            if e is None:
+                unreported[msg.msg_id] = [ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id), 1]
+            elif e[0].uid == uid and e[0].app == msg.app:
+                e[1] += 1  # written to another session of this user as well
+            else:  # not a msg_id of this (uid, app): saver's owner check decides
+                self._submit(self.backends.delivered, ipb.MessageRef(uid=uid, app=msg.app, msg_id=msg.msg_id))
         m.unicast_out.inc(n)
         if n < len(fresh):
             m.broadcast_out.inc(len(fresh) - n)
+        if len(unreported) >= MAX_UNREPORTED_DELIVERIES:
+            self.report_deliveries()
+        elif unreported and self._report_timer is None:
+            self._report_timer = asyncio.get_running_loop().call_later(
+                self.cfg.delivery_report_ms / 1000, self.report_deliveries)
+
+    def report_deliveries(self) -> None:
+        """Send the delivery attempts no ACK has carried yet to saver (MarkDelivered)."""
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        unreported, self._unreported = self._unreported, {}
+        submit, queue = self._submit, self.backends.delivered
+        for ref, attempts in unreported.values():
+            for _ in range(attempts):
+                submit(queue, ref)
 
     def _hold(self, session: Session, messages: Iterable[ipb.StoredMessage]) -> None:
         """Keep what arrives for a detached session, within a count and a byte bound; what does
@@ -1247,7 +1285,14 @@ class RoomInstance:
                         broadcasts = {}
                     broadcasts.setdefault(h.app, []).append(msg_id)
                 else:
-                    self._submit(self.backends.ack, ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id))
+                    ref = ipb.MessageRef(uid=uid, app=h.app, msg_id=msg_id)
+                    e = self._unreported.pop(msg_id, None)
+                    if e is not None:
+                        if e[0].uid == uid and e[0].app == h.app:
+                            ref.deliveries = e[1]  # reported with the ack: no MarkDelivered
+                        else:
+                            self._unreported[msg_id] = e
+                    self._submit(self.backends.ack, ref)
                 if h.payload is not None:
                     session.held_bytes -= len(h.payload)
                 n += 1

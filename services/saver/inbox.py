@@ -156,7 +156,7 @@ class InboxStore:
         def build(pipe) -> None:
             for r in refs:
                 script.queue(pipe, [keys.message_key(r.msg_id), EPOCH_KEY],
-                             [r.uid, r.app, now_ms, retention, TOMBSTONE_TTL_S])
+                             [r.uid, r.app, now_ms, retention, TOMBSTONE_TTL_S, r.deliveries])
                 # the acker's own inbox only: someone else's ack cannot touch this user's inbox
                 pipe.zrem(keys.inbox_key(r.uid, r.app), str(r.msg_id))
 

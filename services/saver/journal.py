@@ -59,19 +59,29 @@ def ack_sql(acks: Sequence[tuple[Ref, int]]) -> tuple[str, list]:
     """One UPDATE for a flush of (ref, acked_ms) acks. Owner-checked per row: a ref acks its row
     only if uid and app match byte for byte (BINARY: the columns' collation ignores case and
     trailing spaces, uids do not). It applies whether or not Redis still had the message, so an
-    ack is never lost to a Redis that forgot it, and an acked row is never rebuilt into an inbox."""
+    ack is never lost to a Redis that forgot it, and an acked row is never rebuilt into an inbox.
+    An ack that also reports delivery attempts (``Ref.deliveries``) adds them to the row's; of
+    two refs for one msg_id in a flush, the first one's count is taken, as Redis applies one."""
     when_acked: dict[int, int] = {}
+    deliveries: dict[int, int] = {}
     owners: list = []
     for ref, acked_ms in acks:
-        when_acked.setdefault(ref.msg_id, acked_ms)
+        if ref.msg_id not in when_acked:
+            when_acked[ref.msg_id] = acked_ms
+            if ref.deliveries:
+                deliveries[ref.msg_id] = ref.deliveries
         owners += (ref.msg_id, ref.uid, ref.app)
     ids = list(when_acked)
     case = " ".join(["WHEN %s THEN %s"] * len(ids))
     owned = " OR ".join(["(msg_id=%s AND BINARY uid=%s AND BINARY app=%s)"] * len(acks))
-    sql = (f"UPDATE messages SET state={_ACKED}, payload='', acked_ms=CASE msg_id {case} END "
+    args = [v for pair in when_acked.items() for v in pair]
+    counted = ""
+    if deliveries:
+        counted = f", attempts=attempts+CASE msg_id {' '.join(['WHEN %s THEN %s'] * len(deliveries))} ELSE 0 END"
+        args += [v for pair in deliveries.items() for v in pair]
+    sql = (f"UPDATE messages SET state={_ACKED}, payload='', acked_ms=CASE msg_id {case} END{counted} "
            f"WHERE msg_id IN ({','.join(['%s'] * len(ids))}) AND state<>{_ACKED} AND ({owned})")
-    args = [v for pair in when_acked.items() for v in pair] + ids + owners
-    return sql, args
+    return sql, args + ids + owners
 
 
 def delivered_sql(deliveries: Sequence[tuple[int, int]]) -> tuple[str, list]:

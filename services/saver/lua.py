@@ -54,7 +54,8 @@ return n
 # Lua's C stack takes ~8,000 unpacked values; one INBOX_ADD call carries at most this many pairs
 INBOX_ADD_MAX_PAIRS = 1000
 
-# KEYS[1] = pylon:m:{id}, KEYS[2] = epoch; ARGV = uid, app, acked_ms, ack_retention_s, tombstone_ttl_s.
+# KEYS[1] = pylon:m:{id}, KEYS[2] = epoch; ARGV = uid, app, acked_ms, ack_retention_s, tombstone_ttl_s,
+# deliveries (attempts the ack also reports, counted when it applies: MessageRef.deliveries).
 # Returns 1 when applied, 0 when not (unknown, someone else's, already acked).
 # Only the owner (uid, app) may ack; the payload is dropped at once, the record kept for status reads.
 # No record and no epoch: Redis lost the message or a rebuild has not restored it yet. The ack is
@@ -71,6 +72,7 @@ if not v[1] then
 end
 if v[1] ~= ARGV[1] or v[2] ~= ARGV[2] or v[3] == 'acked' then return 0 end
 redis.call('HSET', KEYS[1], 'state', 'acked', 'acked_ms', ARGV[3])
+if ARGV[6] ~= '0' then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[6]) end
 redis.call('HDEL', KEYS[1], 'payload')
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1

@@ -29,6 +29,7 @@ class Ref:
     uid: str
     app: str
     msg_id: int
+    deliveries: int = 0  # an Ack's: attempts it also reports (MessageRef.deliveries)
 
 
 def check_app(app: str) -> None:
@@ -73,17 +74,24 @@ def store_items(messages: Sequence, cfg: SaverConfig, now_ms: int) -> list[Store
     return items
 
 
+MAX_DELIVERIES_PER_ACK = 1000
+
+
 def refs(what: str, raw_refs: Sequence, cfg: SaverConfig) -> list[Ref]:
+    """Validated refs. ``deliveries`` counts only in an Ack (MarkDelivered counts one per ref)."""
     check_count(what, len(raw_refs), cfg.max_items)
+    acks = what == "Ack"
     out = []
     for i, r in enumerate(raw_refs):
         try:
             check_msg_id(r.msg_id)
             check_uid(r.uid)
             check_app(r.app)
+            if acks and r.deliveries > MAX_DELIVERIES_PER_ACK:
+                raise RequestError(f"deliveries {r.deliveries} is over the limit of {MAX_DELIVERIES_PER_ACK}")
         except RequestError as exc:
             raise RequestError(f"{what}: refs[{i}]: {exc}") from None
-        out.append(Ref(r.uid, r.app, r.msg_id))
+        out.append(Ref(r.uid, r.app, r.msg_id, r.deliveries if acks else 0))
     return out
 
 

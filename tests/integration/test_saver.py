@@ -179,6 +179,30 @@ async def test_ack_of_someone_elses_message_is_ignored(stub, redis):
     assert not await redis.exists("pylon:in:sv-intruder:app1")
 
 
+async def test_an_ack_reports_the_attempts_the_room_had_not_reported(stub, db, redis):
+    """A room that got the ACK within its delivery_report_ms sends no MarkDelivered: the ack's
+    ``deliveries`` are counted with it, in Redis and in the same MySQL UPDATE."""
+    m, other = msg("sv-ackd"), msg("sv-ackd")
+    await stub.Store(pb.StoreRequest(messages=[m, other]), timeout=5)
+    carrying = pb.MessageRef(uid=m.uid, app=m.app, msg_id=m.msg_id, deliveries=2)
+    intruder = pb.MessageRef(uid="sv-intruder", app=other.app, msg_id=other.msg_id, deliveries=5)
+    assert (await stub.Ack(pb.MessageRefs(refs=[carrying, intruder]), timeout=5)).n == 1
+    s = await state(stub, m.msg_id)
+    assert (s.state, s.attempts) == ("acked", 2)
+    r = await row(db, m.msg_id)
+    assert (r[4], r[5]) == (2, 2), "state acked, attempts 2 in MySQL"
+    assert (await state(stub, other.msg_id)).attempts == 0, "someone else's ack counts nothing"
+    assert (await row(db, other.msg_id))[5] == 0
+    again = pb.MessageRef(uid=m.uid, app=m.app, msg_id=m.msg_id, deliveries=1)
+    assert (await stub.Ack(pb.MessageRefs(refs=[again]), timeout=5)).n == 0
+    assert (await state(stub, m.msg_id)).attempts == 2, "an ack that does not apply counts nothing"
+    assert (await row(db, m.msg_id))[5] == 2
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Ack(pb.MessageRefs(refs=[pb.MessageRef(uid=m.uid, app=m.app, msg_id=other.msg_id,
+                                                          deliveries=1001)]), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "deliveries" in info.value.details()
+
+
 async def test_ttl_expiry(stub, redis):
     short, long = msg("sv-ttl", ttl_s=1), msg("sv-ttl", ttl_s=60)
     await stub.Store(pb.StoreRequest(messages=[short, long]), timeout=5)

@@ -178,6 +178,8 @@ class RoomHarness:
         self.backends = backends or FakeBackends()
         self.apps = FakeApps(App("app1", SECRET, status_events=True), App("app2", SECRET, status_events=True),
                              App("quiet", SECRET))
+        # attempts go to MarkDelivered at once unless a test asks for the wait for an ACK
+        cfg.setdefault("delivery_report_ms", 0)
         self.cfg = dataclasses.replace(RoomConfig(heartbeat_min_s=1), **cfg)
         self.room = RoomInstance(self.cfg, instance_id, self.apps, self.backends, clock=self.clock,
                                  wall_ms=lambda: self.wall[0], grpc_address=grpc)

@@ -101,6 +101,17 @@ def test_ack_sql_is_one_owner_checked_statement_for_the_whole_flush():
     assert args[6:] == [10, "u1", "a", 20, "u2", "b", 10, "intruder", "a"]
 
 
+def test_ack_sql_adds_the_attempts_an_ack_reports():
+    acks = [(Ref("u1", "a", 10, 2), 111), (Ref("u2", "b", 20), 222), (Ref("u1", "a", 10, 5), 333)]
+    sql, args = ack_sql(acks)
+    assert sql.count("UPDATE") == 1 and placeholders(sql) == len(args)
+    assert "attempts=attempts+CASE msg_id WHEN %s THEN %s ELSE 0 END" in sql
+    # acked_ms per id, then the first ref's reported attempts for the ids that report any
+    assert args[:6] == [10, 111, 20, 222, 10, 2]
+    assert args[6:8] == [10, 20]
+    assert "attempts=" not in ack_sql([(Ref("u2", "b", 20), 222)])[0]
+
+
 def test_delivered_sql_keeps_the_highest_count_and_parks():
     sql, args = delivered_sql([(1, 1), (2, 2), (1, 2), (3, -10)])
     assert sql.count("UPDATE") == 1 and placeholders(sql) == len(args)

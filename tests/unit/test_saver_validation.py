@@ -63,6 +63,12 @@ def test_refs():
         validation.refs("Ack", [pb.MessageRef(uid="u", app="a")], CFG)
     with pytest.raises(RequestError, match="limit is 10"):
         validation.refs("MarkDelivered", [pb.MessageRef(uid="u", app="a", msg_id=1)] * 11, CFG)
+    acked = validation.refs("Ack", [pb.MessageRef(uid="u", app="a", msg_id=3, deliveries=2)], CFG)
+    assert acked == [validation.Ref("u", "a", 3, 2)]
+    counted = validation.refs("MarkDelivered", [pb.MessageRef(uid="u", app="a", msg_id=3, deliveries=2)], CFG)
+    assert counted == [validation.Ref("u", "a", 3, 0)], "MarkDelivered counts one per ref"
+    with pytest.raises(RequestError, match=r"Ack: refs\[0\]: deliveries 1001 is over the limit of 1000"):
+        validation.refs("Ack", [pb.MessageRef(uid="u", app="a", msg_id=3, deliveries=1001)], CFG)
 
 
 def test_load_keys_limit_and_dedupe():

@@ -140,18 +140,20 @@ class LoadReply(_message.Message):
     def __init__(self, inboxes: _Optional[_Iterable[_Union[Inbox, _Mapping]]] = ...) -> None: ...
 
 class MessageRef(_message.Message):
-    __slots__ = ("uid", "app", "msg_id", "broadcast", "more_broadcast_ids")
+    __slots__ = ("uid", "app", "msg_id", "broadcast", "more_broadcast_ids", "deliveries")
     UID_FIELD_NUMBER: _ClassVar[int]
     APP_FIELD_NUMBER: _ClassVar[int]
     MSG_ID_FIELD_NUMBER: _ClassVar[int]
     BROADCAST_FIELD_NUMBER: _ClassVar[int]
     MORE_BROADCAST_IDS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERIES_FIELD_NUMBER: _ClassVar[int]
     uid: str
     app: str
     msg_id: int
     broadcast: bool
     more_broadcast_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, uid: _Optional[str] = ..., app: _Optional[str] = ..., msg_id: _Optional[int] = ..., broadcast: _Optional[bool] = ..., more_broadcast_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    deliveries: int
+    def __init__(self, uid: _Optional[str] = ..., app: _Optional[str] = ..., msg_id: _Optional[int] = ..., broadcast: _Optional[bool] = ..., more_broadcast_ids: _Optional[_Iterable[int]] = ..., deliveries: _Optional[int] = ...) -> None: ...
 
 class MessageRefs(_message.Message):
     __slots__ = ("refs",)
