@@ -112,7 +112,7 @@ async def serve(common: CommonConfig, cfg: CenterConfig, stop: asyncio.Event, ro
     log.info("apps published to Redis: %d; id node %d", published, node)
 
     discovery = Discovery(rdb, common.discovery_ttl_s, common.discovery_refresh_s)
-    channels = ChannelPool(common.rpc_channels_per_target)
+    channels = ChannelPool(common.rpc_channels_per_target, use_lanes=common.rpc_lanes)
     deadline = common.rpc_deadline_s
     saver = ServiceClient(discovery, channels, "saver", rpc_pb.SaverStub, deadline)
     register = ServiceClient(discovery, channels, "register", rpc_pb.RegisterStub, deadline)

@@ -43,6 +43,10 @@ class CommonConfig:
     discovery_refresh_s: float = 2.0
     rpc_channels_per_target: int = 2
     rpc_deadline_s: float = 5.0
+    # Internal calls over lanes (services/common/lanes.py: framed TCP, ~10x cheaper per call than
+    # a unary grpc.aio call here) where the callee announces one; register, saver and room serve
+    # one beside gRPC on a free port of the gRPC host. false: gRPC only, no lane port opened.
+    rpc_lanes: bool = True
 
     def validate(self) -> None:
         require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "pylon.redis_url", "must be a redis:// URL")

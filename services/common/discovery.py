@@ -35,6 +35,7 @@ class Instance:
     started_ms: int = 0
     nets: list[str] = field(default_factory=list)  # network types served; empty = all
     tls_port: int = 0       # room: the TLS client port beside ``port``; 0 = none
+    lane: str = ""          # internal calls' framed-TCP "host:port" beside ``grpc`` (services/common/lanes.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from services.common import logs, metrics
+from services.common import lanes, logs, metrics
 from services.common.discovery import Discovery, Instance
 
 # 64 MiB: a push batch of 500 x 64 KiB payloads must fit
@@ -49,6 +49,8 @@ SERVER_OPTIONS = [
 AVOID_MIN_S = 5.0
 # below this much deadline left, a failed call is not tried again elsewhere
 MIN_RETRY_S = 0.05
+# a target whose lane could not be connected to is called over gRPC this long before its lane is tried again
+LANE_RETRY_S = 30.0
 
 
 class NoInstanceError(Exception):
@@ -56,10 +58,42 @@ class NoInstanceError(Exception):
 
 
 class ChannelPool:
-    def __init__(self, channels_per_target: int = 2) -> None:
+    """gRPC channels per target, and the lane (services/common/lanes.py) of every target whose
+    instance announced one: with ``use_lanes`` calls go there instead."""
+
+    def __init__(self, channels_per_target: int = 2, use_lanes: bool = True) -> None:
         self.size = channels_per_target
+        self.use_lanes = use_lanes
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
         self._rr: dict[str, itertools.cycle] = {}
+        self.lane_of: dict[str, str] = {}      # gRPC target -> its instance's lane address
+        self._lanes: dict[str, lanes.LaneChannel] = {}
+        self._no_lane: dict[str, float] = {}   # gRPC target -> monotonic time until which its lane is not tried
+
+    def learn(self, found: list[Instance]) -> None:
+        """Note the lanes that instances read from discovery announce."""
+        if not self.use_lanes:
+            return
+        lane_of = self.lane_of
+        for i in found:
+            if i.lane and i.grpc and lane_of.get(i.grpc) != i.lane:
+                old = lane_of.get(i.grpc)
+                lane_of[i.grpc] = i.lane
+                if old is not None:  # the instance restarted on another lane port
+                    stale = self._lanes.pop(old, None)
+                    if stale is not None:
+                        asyncio.get_running_loop().create_task(stale.close())
+
+    def lane(self, target: str) -> lanes.LaneChannel | None:
+        address = self.lane_of.get(target)
+        if address is None:
+            return None
+        if self._no_lane and self._no_lane.get(target, 0.0) > time.monotonic():
+            return None
+        ch = self._lanes.get(address)
+        if ch is None:
+            ch = self._lanes[address] = lanes.LaneChannel(address)
+        return ch
 
     def channel(self, target: str) -> grpc.aio.Channel:
         chans = self._channels.get(target)
@@ -69,14 +103,29 @@ class ChannelPool:
             self._rr[target] = itertools.cycle(chans)
         return next(self._rr[target])
 
+    def lane_unreachable(self, target: str) -> None:
+        """The target's lane refused a connection: use gRPC to it for a while."""
+        self._no_lane[target] = time.monotonic() + LANE_RETRY_S
+        address = self.lane_of.get(target)
+        stale = self._lanes.pop(address, None) if address else None
+        if stale is not None:
+            asyncio.get_running_loop().create_task(stale.close())
+
     async def drop(self, target: str) -> None:
         for ch in self._channels.pop(target, []):
             await ch.close()
         self._rr.pop(target, None)
+        address = self.lane_of.pop(target, None)
+        lane = self._lanes.pop(address, None) if address else None
+        if lane is not None:
+            await lane.close()
 
     async def close(self) -> None:
-        for target in list(self._channels):
+        for target in list(self._channels) + list(self.lane_of):
             await self.drop(target)
+        for lane in self._lanes.values():
+            await lane.close()
+        self._lanes.clear()
 
 
 class ServiceClient:
@@ -94,6 +143,13 @@ class ServiceClient:
         self._sem = asyncio.Semaphore(max_in_flight)
 
     def stub_for(self, target: str) -> Any:
+        lane = self.pool.lane(target)
+        if lane is not None:
+            key = f"{target}#lane{id(lane)}"
+            stub = self._stubs.get(key)
+            if stub is None:
+                stub = self._stubs[key] = self.stub_cls(lanes.StubChannel(lane))
+            return stub
         ch = self.pool.channel(target)
         key = f"{target}#{id(ch)}"
         stub = self._stubs.get(key)
@@ -102,12 +158,15 @@ class ServiceClient:
         return stub
 
     async def instances(self) -> list[Instance]:
-        return [i for i in await self.discovery.instances(self.service) if i.grpc]
+        found = [i for i in await self.discovery.instances(self.service) if i.grpc]
+        self.pool.learn(found)
+        return found
 
     async def pick(self, key: str | None = None) -> Instance:
         live = await self.instances()
         if not live:
             live = [i for i in await self.discovery.instances(self.service, fresh=True) if i.grpc]
+            self.pool.learn(live)
         if not live:
             raise NoInstanceError(f"no live {self.service} instance")
         if self._avoid:
@@ -159,7 +218,16 @@ class ServiceClient:
         outcome = "ok"
         try:
             async with self._sem:
-                return await getattr(stub, method)(request, timeout=deadline_s, metadata=logs.outgoing_metadata())
+                try:
+                    return await getattr(stub, method)(request, timeout=deadline_s, metadata=logs.outgoing_metadata())
+                except lanes.LaneUnreachable as exc:
+                    # nothing was sent: the same call over gRPC, within what is left of the deadline
+                    log.warning("%s: lane of %s unreachable (%s); calling it over gRPC for %.0fs", self.service,
+                                target, exc.details(), LANE_RETRY_S)
+                    self.pool.lane_unreachable(target)
+                    left = max(MIN_RETRY_S, deadline_s - (time.perf_counter() - started))
+                    return await getattr(self.stub_for(target), method)(request, timeout=left,
+                                                                        metadata=logs.outgoing_metadata())
         except grpc.aio.AioRpcError as exc:
             outcome = exc.code().name.lower()
             raise
@@ -184,7 +252,31 @@ class RequestIdInterceptor(grpc.aio.ServerInterceptor):
         return await continuation(handler_call_details)
 
 
-async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]]) -> grpc.aio.Server:
+class Servers:
+    """A service's gRPC server and the lane serving the same servicers beside it."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, lane: lanes.LaneServer | None) -> None:
+        self.grpc = grpc_server
+        self.lane = lane
+
+    @property
+    def lane_port(self) -> int:
+        return self.lane.port if self.lane is not None else 0
+
+    def lane_address(self, host: str) -> str:
+        """What to announce in discovery as ``Instance.lane`` ("" without a lane)."""
+        return f"{host}:{self.lane.port}" if self.lane is not None else ""
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self.lane is not None:
+            await self.lane.stop(grace or 0.0)
+        await self.grpc.stop(grace)
+
+
+async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]], lane: bool = True,
+                       lane_port: int = 0) -> Servers:
+    """Serve the servicers over gRPC on ``bind``, and with ``lane`` over a lane on the same host
+    (``lane_port``, 0 = a free one)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestIdInterceptor()])
     for add, servicer in add_servicers:
         add(servicer, server)
@@ -195,4 +287,13 @@ async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]]) -> 
     if port == 0:
         raise OSError(f"cannot bind gRPC server to {bind}")
     await server.start()
-    return server
+    lane_server = None
+    if lane:
+        lane_server = lanes.LaneServer(add_servicers)
+        host = bind.rpartition(":")[0].strip("[]") or "0.0.0.0"
+        try:
+            await lane_server.start(host, lane_port)
+        except OSError as exc:
+            await server.stop(None)
+            raise OSError(f"cannot bind the lane beside gRPC on {host}:{lane_port}: {exc}") from exc
+    return Servers(server, lane_server)

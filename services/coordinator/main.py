@@ -39,7 +39,7 @@ async def serve(common: CommonConfig, cfg: CoordinatorConfig, stop: asyncio.Even
 
     redis = runtime.redis_client(common.redis_url, fail_fast=True)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
-    pool = rpc.ChannelPool(common.rpc_channels_per_target)
+    pool = rpc.ChannelPool(common.rpc_channels_per_target, use_lanes=common.rpc_lanes)
     transport = AiohttpTransport(cfg.webhook_timeout_s, cfg.webhook_connect_timeout_s, cfg.webhook_connections,
                                  cfg.webhook_connections_per_host)
     delivery = WebhookDelivery(transport, DeliverySettings.from_config(cfg))

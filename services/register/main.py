@@ -38,12 +38,15 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     metrics_server = await metrics.serve(cfg.host, cfg.metrics_port)
     metrics_port = metrics.bound_port(metrics_server)
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
-                                    [(internal_pb2_grpc.add_RegisterServicer_to_server, RegisterServicer(store))])
+                                    [(internal_pb2_grpc.add_RegisterServicer_to_server, RegisterServicer(store))],
+                                    lane=common.rpc_lanes)
     adv = common.advertise_host
     inst = Instance(service="register", id=f"register-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
-                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region,
+                    lane=server.lane_address(adv))
     logs.set_instance(inst.id)
-    log.info("register serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
+    log.info("register serving gRPC on %s:%d (lane %s), metrics on :%d", cfg.host, cfg.grpc_port,
+             server.lane_port or "off", metrics_port)
     try:
         # Redis may not be up yet: keep trying until it is, or until we are told to stop
         await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)

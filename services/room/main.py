@@ -68,7 +68,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> int | None:
     logs.set_instance(instance_id)
     redis = runtime.redis_client(common.redis_url, max_connections=8)
     discovery = Discovery(redis, common.discovery_ttl_s, common.discovery_refresh_s)
-    pool = ChannelPool(common.rpc_channels_per_target)
+    pool = ChannelPool(common.rpc_channels_per_target, use_lanes=common.rpc_lanes)
     backends = RoomBackends(discovery, pool, cfg, common.rpc_deadline_s)
     apps = AppCache(redis, cfg.app_refresh_s)
     from services.room.access import raise_open_file_limit
@@ -118,12 +118,13 @@ async def serve(common, cfg, stop: asyncio.Event) -> int | None:
     room.listeners = [sock for srv in servers for sock in srv.sockets]
     drain_request = DrainRequest(stop)  # Room.Drain: an operator's drain takes SIGTERM's path
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
-                                     [(igrpc.add_RoomServicer_to_server, RoomServicer(room, drain_request))])
+                                     [(igrpc.add_RoomServicer_to_server, RoomServicer(room, drain_request))],
+                                     lane=common.rpc_lanes)
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
     room_metrics.CAPACITY.set(cfg.per_instance_connections)
     me = Instance(service="room", id=instance_id, host=host, port=cfg.port, grpc=f"{host}:{cfg.grpc_port}",
                   metrics=f"{host}:{metrics.bound_port(msrv)}", region=common.region,
-                  capacity=cfg.per_instance_connections, tls_port=cfg.tls_port)
+                  capacity=cfg.per_instance_connections, tls_port=cfg.tls_port, lane=grpc_server.lane_address(host))
     await discovery.announce(me)
     runtime.settle_gc()
     log.info("room %s serving clients on %s:%d%s%s, gRPC %d, at most %d connections, pid %d", instance_id,

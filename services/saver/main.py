@@ -74,12 +74,15 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     await guard.start()
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
                                     [(internal_pb2_grpc.add_SaverServicer_to_server,
-                                      SaverServicer(store, ParkedMessages(redis, journal, guard, cfg)))])
+                                      SaverServicer(store, ParkedMessages(redis, journal, guard, cfg)))],
+                                    lane=common.rpc_lanes)
     adv = common.advertise_host
     inst = Instance(service="saver", id=f"saver-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
-                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region)
+                    grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region,
+                    lane=server.lane_address(adv))
     logs.set_instance(inst.id)
-    log.info("saver serving gRPC on %s:%d, metrics on :%d", cfg.host, cfg.grpc_port, metrics_port)
+    log.info("saver serving gRPC on %s:%d (lane %s), metrics on :%d", cfg.host, cfg.grpc_port,
+             server.lane_port or "off", metrics_port)
     try:
         await _until_whole(guard, stop)
         await runtime.retry_until_stopped("announce in discovery", lambda: discovery.announce(inst), stop)
