@@ -39,6 +39,7 @@ from services.common import logs
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024 + 65_536  # rpc.MAX_MESSAGE_BYTES plus the header
+CONNECT_TIMEOUT_S = 1.0  # a lane not connected within this is taken for unreachable (gRPC then)
 _REQ = struct.Struct("!IIIHH")   # length, call id, deadline ms, method length, ids length
 _ANS = struct.Struct("!IIB")     # length, call id, status code
 _LEN = struct.Struct("!I")
@@ -163,6 +164,8 @@ class _ServerConnection(asyncio.Protocol):
             self._answer(call_id, grpc.StatusCode.UNIMPLEMENTED.value[0], f"method {method.decode()!r} not found")
             return
         deserialize, behavior, serialize = handler
+        if log.isEnabledFor(logging.DEBUG):  # as rpc.RequestIdInterceptor logs a gRPC call
+            log.debug("call %s (lane)", method.decode())
         loop = self.lane.loop
         try:
             request = deserialize(body)
@@ -316,7 +319,11 @@ class LaneChannel:
     async def call(self, method: bytes, body: bytes, timeout: float, ids: str | None) -> bytes:
         conn = self._conn
         if conn is None or conn.transport is None:
-            conn = await asyncio.wait_for(self._connection(), timeout)
+            try:
+                conn = await asyncio.wait_for(self._connection(), min(timeout, CONNECT_TIMEOUT_S))
+            except TimeoutError:  # a firewall that drops what it does not let through
+                raise LaneUnreachable(f"lane to {self.target}: no connection within "
+                                      f"{min(timeout, CONNECT_TIMEOUT_S):.1f}s") from None
         loop = asyncio.get_running_loop()
         self._next_id = call_id = (self._next_id + 1) & 0xFFFFFFFF
         fut = loop.create_future()
