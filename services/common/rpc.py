@@ -132,7 +132,7 @@ class ServiceClient:
     """Calls to one service, targets from discovery."""
 
     def __init__(self, discovery: Discovery, pool: ChannelPool, service: str, stub_cls: Callable[[Any], Any],
-                 deadline_s: float = 5.0, max_in_flight: int = 256) -> None:
+                 deadline_s: float = 5.0, max_in_flight: int = 256, lanes: bool = True) -> None:
         self.discovery = discovery
         self.pool = pool
         self.service = service
@@ -141,9 +141,10 @@ class ServiceClient:
         self._stubs: dict[str, Any] = {}
         self._avoid: dict[str, float] = {}  # target -> monotonic time until which picks skip it
         self._sem = asyncio.Semaphore(max_in_flight)
+        self.lanes = lanes  # False: this client's calls stay on gRPC whatever the pool does
 
     def stub_for(self, target: str) -> Any:
-        lane = self.pool.lane(target)
+        lane = self.pool.lane(target) if self.lanes else None
         if lane is not None:
             key = f"{target}#lane{id(lane)}"
             stub = self._stubs.get(key)

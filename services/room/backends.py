@@ -57,7 +57,10 @@ class RoomBackends:
         self.on_epoch: Callable[[str], None] | None = None
         self._tasks: set[asyncio.Task] = set()
         self.room_client = ServiceClient(discovery, pool, "room", igrpc.RoomStub, deadline_s)
-        self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s)
+        # the connect path (registrations, inbox loads) over lanes only with cfg.connect_path_lanes
+        lanes = cfg.connect_path_lanes
+        self.register_client = ServiceClient(discovery, pool, "register", igrpc.RegisterStub, deadline_s, lanes=lanes)
+        self.inbox_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s, lanes=lanes)
         self.saver_client = ServiceClient(discovery, pool, "saver", igrpc.SaverStub, deadline_s)
         self.coordinator_client = ServiceClient(discovery, pool, "coordinator", igrpc.CoordinatorStub, deadline_s)
         kw = dict(max_batch=cfg.max_batch, delay_s=cfg.batch_delay_ms / 1000,
@@ -120,7 +123,7 @@ class RoomBackends:
         await self.register_client.call("Unregister", ipb.SessionBatch(sessions=sessions))
 
     async def _load_inbox(self, keys: list[ipb.InboxKey]) -> list[ipb.Inbox]:
-        reply = await self.saver_client.call("LoadInbox", ipb.LoadRequest(keys=keys, limit_per_inbox=self.inbox_limit))
+        reply = await self.inbox_client.call("LoadInbox", ipb.LoadRequest(keys=keys, limit_per_inbox=self.inbox_limit))
         return list(reply.inboxes)
 
     async def _delivered(self, refs: list[ipb.MessageRef]) -> None:

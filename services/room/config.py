@@ -51,6 +51,12 @@ class RoomConfig:
     # MySQL row update, not two of each, and never two transactions on one row at the same time.
     # A crash of the instance loses at most this much of the count. 0: report every attempt alone.
     delivery_report_ms: float = 250.0
+    # Registrations and inbox loads over lanes (pylon.rpc_lanes) instead of gRPC. Off: measured
+    # on the 2-core box, a 300k connection storm over lanes fell into accept-queue shedding (500k
+    # AUTHs shed, 1,100 connects/s, 950 us of server CPU each) where gRPC held 3,060/s at 470 us;
+    # why is not understood yet (bench/RESULTS.md). Acks, delivery counts, kicks and take-overs
+    # use lanes either way, and so do center's calls.
+    connect_path_lanes: bool = False
     # Broadcasts: a fan-out gathers the broadcasts that keep arriving for its app this long (up to
     # four times as long while they keep coming), so a burst leaves as a few PUSH frames per
     # session, each carrying several, instead of one frame (and one client ACK) per broadcast.
