@@ -51,11 +51,15 @@ class RoomConfig:
     # MySQL row update, not two of each, and never two transactions on one row at the same time.
     # A crash of the instance loses at most this much of the count. 0: report every attempt alone.
     delivery_report_ms: float = 250.0
-    # Registrations and inbox loads over lanes (pylon.rpc_lanes) instead of gRPC. Off: measured
-    # on the 2-core box, a 300k connection storm over lanes fell into accept-queue shedding (500k
-    # AUTHs shed, 1,100 connects/s, 950 us of server CPU each) where gRPC held 3,060/s at 470 us;
-    # why is not understood yet (bench/RESULTS.md). Acks, delivery counts, kicks and take-overs
-    # use lanes either way, and so do center's calls.
+    # Registrations and inbox loads over lanes (pylon.rpc_lanes) instead of gRPC. Measured on the
+    # 2-core box (bench/RESULTS.md): over lanes, logins at 1,000/s have p99 45 ms against 64-76 ms,
+    # and 64 handshakes in flight get 2,514 connects/s against 1,850-2,057. But a 300k storm over
+    # lanes fell into accept-queue shedding (500k AUTHs shed, 1,100 connects/s, 950 us each) where
+    # gRPC holds 3,020/s at 484 us: the calls return sooner, so more of the storm's handshakes
+    # wait in the accept queues instead of in batches, past accept_wait_shed_s, and every shed
+    # AUTH comes back as another connect. Over lanes with shedding off the same storm held at
+    # 2,776/s, 471 us. Off until the shed rule is reworked for it and checked at 1M. Acks,
+    # delivery counts, kicks and take-overs use lanes either way, and so do center's calls.
     connect_path_lanes: bool = False
     # Broadcasts: a fan-out gathers the broadcasts that keep arriving for its app this long (up to
     # four times as long while they keep coming), so a burst leaves as a few PUSH frames per
