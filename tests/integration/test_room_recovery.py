@@ -152,6 +152,27 @@ async def test_a_link_that_drops_again_and_again_never_gets_its_message_parked(s
     await c.close()
 
 
+async def test_a_message_acked_at_once_has_its_attempt_counted_by_the_ack(system):
+    """The ACK arrives within room.delivery_report_ms: it reports the delivery attempt itself
+    (no MarkDelivered), and saver counts it with the ack, in Redis and in MySQL."""
+    user = uid()
+    c, _ = await login(system, user, room=0)
+    (msg_id,) = await push(system, [user], "ack me")
+    _, p = await c.expect(Op.PUSH)
+    assert [str(m.msg_id) for m in p.messages] == [msg_id]
+    c.send(Op.ACK, cpb.Ack(msg_ids=[int(msg_id)]))
+
+    async def acked():
+        status, state = await api(system, "GET", f"/v1/messages/{msg_id}")
+        return state["state"] == "acked" and state["attempts"] == 1
+
+    await wait_for(acked, f"message {msg_id} acked with one delivery attempt")
+    await asyncio.sleep(0.5)  # past delivery_report_ms: nothing reports the attempt a second time
+    status, state = await api(system, "GET", f"/v1/messages/{msg_id}")
+    assert (state["state"], state["attempts"]) == ("acked", 1), state
+    await c.close()
+
+
 async def test_three_logins_of_one_device_leave_one_session(system):
     user = uid()
     clients = []
