@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024 + 65_536  # rpc.MAX_MESSAGE_BYTES plus the header
 CONNECT_TIMEOUT_S = 1.0  # a lane not connected within this is taken for unreachable (gRPC then)
+# calls one connection may have in flight on a server; past it a call is answered RESOURCE_EXHAUSTED
+# at once (callers hold at most rpc.ServiceClient's 256 per client, so this is a peer gone wrong)
+MAX_CALLS_PER_CONNECTION = 4096
 _REQ = struct.Struct("!IIIHH")   # length, call id, deadline ms, method length, ids length
 _ANS = struct.Struct("!IIB")     # length, call id, status code
 _LEN = struct.Struct("!I")
@@ -150,6 +153,10 @@ class _ServerConnection(asyncio.Protocol):
             del buf[:pos]
 
     def _start(self, call_id: int, deadline_ms: int, method: bytes, ids: str | None, body: bytes) -> None:
+        if len(self.tasks) >= MAX_CALLS_PER_CONNECTION:
+            self._answer(call_id, grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+                         f"more than {MAX_CALLS_PER_CONNECTION} calls in flight on one lane connection")
+            return
         loop = self.lane.loop
         ctx = contextvars.copy_context()
         if ids is not None:

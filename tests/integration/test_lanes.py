@@ -83,6 +83,16 @@ async def test_many_calls_in_flight_on_one_connection_each_get_their_own_answer(
     assert len(server.connections) == 1
 
 
+async def test_calls_past_the_bound_per_connection_are_refused_at_once(lane, monkeypatch):
+    _, _, _, stub = lane
+    monkeypatch.setattr(lanes, "MAX_CALLS_PER_CONNECTION", 5)
+    calls = [asyncio.ensure_future(stub.Ack(refs("slow", msg_id=300), timeout=5)) for _ in range(8)]
+    done = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in done if isinstance(r, grpc.aio.AioRpcError)]
+    assert [r.n for r in done if not isinstance(r, BaseException)] == [1] * 5
+    assert len(refused) == 3 and all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+
+
 async def test_request_ids_reach_the_handler(lane):
     servicer, _, _, stub = lane
     await stub.Ack(refs(), timeout=5, metadata=((logs.METADATA_KEY, "req-1,req-2"),))
