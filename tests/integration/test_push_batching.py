@@ -42,10 +42,21 @@ async def test_concurrent_single_message_pushes_share_calls_and_each_gets_its_ow
     # a second session of the first user on the other room: a message goes to both, once each
     clients = [await connect(cluster, u, room=i % 2) for i, u in enumerate(users)]
     token, _ = tokens.sign(cluster.app["secret"], users[0], cluster.app["id"], 300, device_id="dev2")
+    headers = {"Authorization": f"Bearer {cluster.app['api_key']}"}
+    # one message for the first user that the twin's login loads: its arrival proves that load is
+    # over (a push while it is in flight is left to it, and counted delivered 0 by the push)
+    warm = urllib.request.Request(cluster.center_url + "/v1/push", method="POST", headers=headers, data=json.dumps(
+        {"app": cluster.app["id"], "uids": [users[0]], "payload": "warm"}).encode())
+    with await asyncio.to_thread(urllib.request.urlopen, warm, timeout=10) as r:
+        assert r.status == 200
+    _, p = await clients[0][0].expect(Op.PUSH)
     twin = await WireClient.connect(*cluster.room_addresses[1])
     await twin.auth(token, users[0], device_id="dev2", net="wifi")
+    _, loaded = await twin.expect(Op.PUSH)
+    assert [m.payload for m in loaded.messages] == [b"warm"]
+    for c in (clients[0][0], twin):
+        c.send(Op.ACK, cpb.Ack(msg_ids=[m.msg_id for m in p.messages]))
     before = center_rpc_counts(cluster)
-    headers = {"Authorization": f"Bearer {cluster.app['api_key']}"}
     connector = aiohttp.TCPConnector(limit=N_USERS)
     async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
         async def one(u: str) -> dict:

@@ -107,9 +107,19 @@ async def test_a_request_id_travels_from_center_through_saver_register_and_room(
                             {"Authorization": f"Bearer {app['api_key']}", "Content-Type": "application/json"})
     assert status == 200, body
     host, port = system.room_addresses[0]
+    key = {"Authorization": f"Bearer {app['api_key']}", "Content-Type": "application/json"}
+    # stored before the login, so its arrival proves the login's inbox load is over: a push while
+    # the load is in flight is left to it and counted delivered 0 by the push
+    token = body["token"]
+    status, _, body = await asyncio.to_thread(
+        _http, system, "POST", "/v1/push", json.dumps({"app": app["id"], "uids": [uid], "payload": "first"}).encode(),
+        key)
+    assert status == 200 and body["online"] == 0, body
     client = await WireClient.connect(host, port)
     try:
-        await client.auth(body["token"], uid, apps=[app["id"]])
+        await client.auth(token, uid, apps=[app["id"]])
+        _, first = await client.expect(Op.PUSH)
+        client.send(Op.ACK, cpb.Ack(msg_ids=[m.msg_id for m in first.messages]))
         rid = "trace-" + os.urandom(6).hex()
         status, headers, body = await asyncio.to_thread(
             _http, system, "POST", "/v1/push", json.dumps({"app": app["id"], "uids": [uid], "payload": "hi"}).encode(),
