@@ -13,6 +13,13 @@ length | u16 request ids length | method | request ids | body``; an answer is ``
 call id | u8 status code | body`` where a non-zero status code (grpc.StatusCode's number) is
 followed by its details in UTF-8 instead of a body. ``length`` counts what follows it.
 
+A connection opens with a greeting: the caller sends ``u32 length | "PYLN" | identity`` (the
+gRPC address it found this lane announced beside), the server answers ``u32 1 | u8 1`` when that
+is its own identity (or it has none) and ``u32 1 | u8 0`` otherwise, and closes. So a lane
+address that has come to belong to another process (a restart on a new port, another process
+given the old one, an advertised host that is not the bind host) is never called: the caller
+takes it for unreachable and makes the call over gRPC.
+
 A server serves the servicers it is given exactly as gRPC would: the same handlers, the same
 (de)serialisers (taken from the generated ``add_*Servicer_to_server``), a context with
 ``abort`` and ``time_remaining``, the caller's request ids set for the call's task. A caller
@@ -47,6 +54,9 @@ _REQ = struct.Struct("!IIIHH")   # length, call id, deadline ms, method length, 
 _ANS = struct.Struct("!IIB")     # length, call id, status code
 _LEN = struct.Struct("!I")
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
+_HELLO = b"PYLN"
+_WELCOME = _LEN.pack(1) + b"\x01"
+_NOT_ME = _LEN.pack(1) + b"\x00"
 _OK = 0
 _METADATA = grpc.aio.Metadata()
 
@@ -109,13 +119,34 @@ class LaneContext:
 
 
 class _ServerConnection(asyncio.Protocol):
-    __slots__ = ("lane", "transport", "buf", "tasks")
+    __slots__ = ("lane", "transport", "buf", "tasks", "greeted")
 
     def __init__(self, lane: LaneServer) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.tasks: set[asyncio.Task] = set()
+        self.greeted = False
+
+    def _greet(self, buf: bytearray) -> int:
+        """Read the caller's greeting; returns the bytes it took (0: not all here yet, -1: refused)."""
+        if len(buf) < 4:
+            return 0
+        (n,) = _LEN.unpack_from(buf, 0)
+        if n < 4 or n > 1024 or (len(buf) >= 8 and bytes(buf[4:8]) != _HELLO):
+            self.transport.close()
+            return -1
+        if len(buf) < 4 + n:
+            return 0
+        expected = bytes(buf[8:4 + n]).decode(errors="replace")
+        mine = self.lane.identity
+        if mine and expected and expected != mine:
+            self.transport.write(_NOT_ME)
+            self.transport.close()
+            return -1
+        self.transport.write(_WELCOME)
+        self.greeted = True
+        return 4 + n
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -131,6 +162,12 @@ class _ServerConnection(asyncio.Protocol):
         buf = self.buf
         buf += data
         pos = 0
+        if not self.greeted:
+            pos = self._greet(buf)
+            if pos <= 0:
+                if pos < 0:
+                    buf.clear()
+                return
         end = len(buf)
         while end - pos >= 4:
             (n,) = _LEN.unpack_from(buf, pos)
@@ -201,7 +238,8 @@ class _ServerConnection(asyncio.Protocol):
 class LaneServer:
     """Serves the unary methods of gRPC servicers on a lane port."""
 
-    def __init__(self, add_servicers: list[tuple[Callable, Any]]) -> None:
+    def __init__(self, add_servicers: list[tuple[Callable, Any]], identity: str = "") -> None:
+        self.identity = identity  # the gRPC address announced beside this lane ("" = answer any caller)
         collected = _Handlers()
         for add, servicer in add_servicers:
             add(servicer, collected)
@@ -238,18 +276,28 @@ class _ClientConnection(asyncio.Protocol):
         self.channel = channel
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
+        self.welcome: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport) -> None:
         self.transport = transport
+        expect = self.channel.expect.encode()
+        transport.write(_LEN.pack(4 + len(expect)) + _HELLO + expect)
 
     def connection_lost(self, exc) -> None:
         self.transport = None
+        if not self.welcome.done():
+            self.welcome.set_result(False)
         self.channel._lost(self, exc)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
         pos = 0
+        if not self.welcome.done():
+            if len(buf) < 5:
+                return
+            self.welcome.set_result(bytes(buf[:5]) == _WELCOME)
+            pos = 5
         end = len(buf)
         pending = self.channel.pending
         while end - pos >= 4:
@@ -280,8 +328,9 @@ class LaneChannel:
     """One TCP connection to one peer's lane, opened on first use and again after a loss; every
     call made meanwhile shares it."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, expect: str = "") -> None:
         self.target = target
+        self.expect = expect  # the gRPC address this lane was announced beside (checked at connect)
         host, _, port = target.rpartition(":")
         self._host, self._port = host.strip("[]"), int(port)
         self.pending: dict[int, asyncio.Future] = {}
@@ -302,6 +351,11 @@ class LaneChannel:
             connecting = self._connecting
             try:
                 _, conn = await loop.create_connection(lambda: _ClientConnection(self), self._host, self._port)
+                welcomed = await conn.welcome
+                if not welcomed:
+                    if conn.transport is not None:
+                        conn.transport.close()
+                    raise OSError(f"it is not the lane of {self.expect or 'this peer'} (any more)")
             except OSError as exc:
                 err = LaneUnreachable(f"lane to {self.target}: {exc}")
                 connecting.set_exception(err)

@@ -67,7 +67,7 @@ class ChannelPool:
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
         self._rr: dict[str, itertools.cycle] = {}
         self.lane_of: dict[str, str] = {}      # gRPC target -> its instance's lane address
-        self._lanes: dict[str, lanes.LaneChannel] = {}
+        self._lanes: dict[str, lanes.LaneChannel] = {}  # gRPC target -> the connection to its lane
         self._no_lane: dict[str, float] = {}   # gRPC target -> monotonic time until which its lane is not tried
 
     def learn(self, found: list[Instance]) -> None:
@@ -77,12 +77,11 @@ class ChannelPool:
         lane_of = self.lane_of
         for i in found:
             if i.lane and i.grpc and lane_of.get(i.grpc) != i.lane:
-                old = lane_of.get(i.grpc)
                 lane_of[i.grpc] = i.lane
-                if old is not None:  # the instance restarted on another lane port
-                    stale = self._lanes.pop(old, None)
-                    if stale is not None:
-                        asyncio.get_running_loop().create_task(stale.close())
+                self._no_lane.pop(i.grpc, None)
+                stale = self._lanes.pop(i.grpc, None)  # the instance restarted on another lane port
+                if stale is not None:
+                    asyncio.get_running_loop().create_task(stale.close())
 
     def lane(self, target: str) -> lanes.LaneChannel | None:
         address = self.lane_of.get(target)
@@ -90,9 +89,9 @@ class ChannelPool:
             return None
         if self._no_lane and self._no_lane.get(target, 0.0) > time.monotonic():
             return None
-        ch = self._lanes.get(address)
+        ch = self._lanes.get(target)
         if ch is None:
-            ch = self._lanes[address] = lanes.LaneChannel(address)
+            ch = self._lanes[target] = lanes.LaneChannel(address, expect=target)
         return ch
 
     def channel(self, target: str) -> grpc.aio.Channel:
@@ -106,8 +105,7 @@ class ChannelPool:
     def lane_unreachable(self, target: str) -> None:
         """The target's lane refused a connection: use gRPC to it for a while."""
         self._no_lane[target] = time.monotonic() + LANE_RETRY_S
-        address = self.lane_of.get(target)
-        stale = self._lanes.pop(address, None) if address else None
+        stale = self._lanes.pop(target, None)
         if stale is not None:
             asyncio.get_running_loop().create_task(stale.close())
 
@@ -115,8 +113,8 @@ class ChannelPool:
         for ch in self._channels.pop(target, []):
             await ch.close()
         self._rr.pop(target, None)
-        address = self.lane_of.pop(target, None)
-        lane = self._lanes.pop(address, None) if address else None
+        self.lane_of.pop(target, None)
+        lane = self._lanes.pop(target, None)
         if lane is not None:
             await lane.close()
 
@@ -275,9 +273,10 @@ class Servers:
 
 
 async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]], lane: bool = True,
-                       lane_port: int = 0) -> Servers:
+                       lane_port: int = 0, identity: str = "") -> Servers:
     """Serve the servicers over gRPC on ``bind``, and with ``lane`` over a lane on the same host
-    (``lane_port``, 0 = a free one)."""
+    (``lane_port``, 0 = a free one) that answers only callers looking for ``identity`` (the gRPC
+    address this instance announces; "" = any)."""
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[RequestIdInterceptor()])
     for add, servicer in add_servicers:
         add(servicer, server)
@@ -290,7 +289,7 @@ async def start_server(bind: str, add_servicers: list[tuple[Callable, Any]], lan
     await server.start()
     lane_server = None
     if lane:
-        lane_server = lanes.LaneServer(add_servicers)
+        lane_server = lanes.LaneServer(add_servicers, identity=identity)
         host = bind.rpartition(":")[0].strip("[]") or "0.0.0.0"
         try:
             await lane_server.start(host, lane_port)

@@ -39,7 +39,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     metrics_port = metrics.bound_port(metrics_server)
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
                                     [(internal_pb2_grpc.add_RegisterServicer_to_server, RegisterServicer(store))],
-                                    lane=common.rpc_lanes)
+                                    lane=common.rpc_lanes, identity=f"{common.advertise_host}:{cfg.grpc_port}")
     adv = common.advertise_host
     inst = Instance(service="register", id=f"register-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region,

@@ -119,7 +119,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> int | None:
     drain_request = DrainRequest(stop)  # Room.Drain: an operator's drain takes SIGTERM's path
     grpc_server = await start_server(f"{cfg.listen_host}:{cfg.grpc_port}",
                                      [(igrpc.add_RoomServicer_to_server, RoomServicer(room, drain_request))],
-                                     lane=common.rpc_lanes)
+                                     lane=common.rpc_lanes, identity=f"{host}:{cfg.grpc_port}")
     msrv = await metrics.serve(cfg.listen_host, cfg.metrics_port)
     room_metrics.CAPACITY.set(cfg.per_instance_connections)
     me = Instance(service="room", id=instance_id, host=host, port=cfg.port, grpc=f"{host}:{cfg.grpc_port}",

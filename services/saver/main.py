@@ -75,7 +75,7 @@ async def serve(common, cfg, stop: asyncio.Event) -> None:
     server = await rpc.start_server(f"{cfg.host}:{cfg.grpc_port}",
                                     [(internal_pb2_grpc.add_SaverServicer_to_server,
                                       SaverServicer(store, ParkedMessages(redis, journal, guard, cfg)))],
-                                    lane=common.rpc_lanes)
+                                    lane=common.rpc_lanes, identity=f"{common.advertise_host}:{cfg.grpc_port}")
     adv = common.advertise_host
     inst = Instance(service="saver", id=f"saver-{adv}:{cfg.grpc_port}", host=adv, port=cfg.grpc_port,
                     grpc=f"{adv}:{cfg.grpc_port}", metrics=f"{adv}:{metrics_port}", region=common.region,

@@ -140,12 +140,42 @@ async def test_calls_in_flight_when_the_server_stops_are_unavailable_and_the_nex
 async def test_an_oversized_or_malformed_frame_closes_only_that_connection(lane):
     servicer, server, _, stub = lane
     host, port = "127.0.0.1", server.port
+    hello = struct.pack("!I", 4) + b"PYLN"
     for junk in (struct.pack("!I", lanes.MAX_FRAME_BYTES + 1), struct.pack("!I", 3) + b"abc"):
         reader, writer = await asyncio.open_connection(host, port)
-        writer.write(junk)
+        writer.write(hello + junk)
+        assert await asyncio.wait_for(reader.readexactly(5), 5) == struct.pack("!I", 1) + b"\x01"  # welcomed
         assert await asyncio.wait_for(reader.read(100), 5) == b"", "closed by the server"
         writer.close()
     assert (await stub.Ack(refs(), timeout=5)).n == 1
+
+
+async def test_a_lane_that_is_not_the_one_announced_is_never_called():
+    """The lane's address now belongs to another instance (a restart, a reused port): the
+    greeting fails, nothing is called, and the caller hears LaneUnreachable (rpc: over gRPC)."""
+    servicer = Saver()
+    server = lanes.LaneServer([(pbg.add_SaverServicer_to_server, servicer)], identity="10.0.0.1:7300")
+    port = await server.start("127.0.0.1")
+    wrong = lanes.LaneChannel(f"127.0.0.1:{port}", expect="10.0.0.2:7300")
+    right = lanes.LaneChannel(f"127.0.0.1:{port}", expect="10.0.0.1:7300")
+    try:
+        with pytest.raises(lanes.LaneUnreachable, match="not the lane of 10.0.0.2:7300"):
+            await pbg.SaverStub(lanes.StubChannel(wrong)).Ack(refs(), timeout=5)
+        assert servicer.calls == 0
+        assert (await pbg.SaverStub(lanes.StubChannel(right)).Ack(refs(), timeout=5)).n == 1
+    finally:
+        await wrong.close()
+        await right.close()
+        await server.stop(0)
+
+
+async def test_a_connection_that_does_not_greet_is_closed(lane):
+    servicer, server, _, stub = lane
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(struct.pack("!IIIHH", 20, 1, 1000, 4, 0) + b"/x/y")  # a call without the greeting
+    assert await asyncio.wait_for(reader.read(100), 5) == b""
+    writer.close()
+    assert servicer.calls == 0 and (await stub.Ack(refs(), timeout=5)).n == 1
 
 
 @pytest.fixture
