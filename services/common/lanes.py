@@ -349,17 +349,20 @@ class LaneChannel:
             loop = asyncio.get_running_loop()
             self._connecting = loop.create_future()
             connecting = self._connecting
+            conn = None
             try:
                 _, conn = await loop.create_connection(lambda: _ClientConnection(self), self._host, self._port)
-                welcomed = await conn.welcome
-                if not welcomed:
-                    if conn.transport is not None:
-                        conn.transport.close()
+                if not await conn.welcome:
                     raise OSError(f"it is not the lane of {self.expect or 'this peer'} (any more)")
-            except OSError as exc:
-                err = LaneUnreachable(f"lane to {self.target}: {exc}")
+            except (OSError, asyncio.CancelledError) as exc:
+                # refused, not this peer's, or no greeting before the caller's connect timeout
+                if conn is not None and conn.transport is not None:
+                    conn.transport.close()
+                err = LaneUnreachable(f"lane to {self.target}: {exc or 'no greeting'}")
                 connecting.set_exception(err)
                 connecting.exception()  # retrieved: a connect nobody else waited for logs nothing
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 raise err from None
             finally:
                 self._connecting = None

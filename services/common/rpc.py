@@ -79,9 +79,12 @@ class ChannelPool:
             if i.lane and i.grpc and lane_of.get(i.grpc) != i.lane:
                 lane_of[i.grpc] = i.lane
                 self._no_lane.pop(i.grpc, None)
-                stale = self._lanes.pop(i.grpc, None)  # the instance restarted on another lane port
-                if stale is not None:
-                    asyncio.get_running_loop().create_task(stale.close())
+                self._forget_lane(i.grpc)  # the instance restarted on another lane port
+
+    def _forget_lane(self, target: str) -> None:
+        stale = self._lanes.pop(target, None)
+        if stale is not None:
+            asyncio.get_running_loop().create_task(stale.close())
 
     def lane(self, target: str) -> lanes.LaneChannel | None:
         address = self.lane_of.get(target)
@@ -105,9 +108,7 @@ class ChannelPool:
     def lane_unreachable(self, target: str) -> None:
         """The target's lane refused a connection: use gRPC to it for a while."""
         self._no_lane[target] = time.monotonic() + LANE_RETRY_S
-        stale = self._lanes.pop(target, None)
-        if stale is not None:
-            asyncio.get_running_loop().create_task(stale.close())
+        self._forget_lane(target)
 
     async def drop(self, target: str) -> None:
         for ch in self._channels.pop(target, []):
@@ -119,11 +120,8 @@ class ChannelPool:
             await lane.close()
 
     async def close(self) -> None:
-        for target in list(self._channels) + list(self.lane_of):
+        for target in set(self._channels) | set(self.lane_of):  # every lane channel is a lane_of target's
             await self.drop(target)
-        for lane in self._lanes.values():
-            await lane.close()
-        self._lanes.clear()
 
 
 class ServiceClient:

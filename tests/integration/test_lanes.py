@@ -169,6 +169,26 @@ async def test_a_lane_that_is_not_the_one_announced_is_never_called():
         await server.stop(0)
 
 
+async def test_a_peer_that_never_greets_is_unreachable_and_its_connection_closed():
+    closed = asyncio.Event()
+
+    async def silent(reader, writer):
+        await reader.read()  # takes the greeting, answers nothing, reads until the caller hangs up
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    channel = lanes.LaneChannel(f"127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    try:
+        with pytest.raises(lanes.LaneUnreachable, match="no connection within"):
+            await pbg.SaverStub(lanes.StubChannel(channel)).Ack(refs(), timeout=0.3)
+        await asyncio.wait_for(closed.wait(), 5)  # the caller closed the connection it gave up on
+        assert channel._conn is None and channel._connecting is None
+    finally:
+        await channel.close()
+        server.close()
+
+
 async def test_a_connection_that_does_not_greet_is_closed(lane):
     servicer, server, _, stub = lane
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
