@@ -94,8 +94,11 @@ class RoomConfig:
     # Connections the kernel has completed but this instance has not accepted yet wait unseen. While
     # that queue holds more than this many seconds of the accept rate (at least 100/s assumed), new
     # AUTHs get OVERLOADED with the retry-after instead of the full handshake, so clients back off
-    # with an answer rather than time out (the SDK waits 10 s for AUTH_OK). 0 = never.
-    accept_wait_shed_s: float = 5.0
+    # with an answer rather than time out (the SDK waits 10 s for AUTH_OK, and the wait in the
+    # queue counts). 8 s leaves the handshake 2 s. At 5 s, a 300k storm with 16,000 handshakes in
+    # flight (Little's law: ~5.5 s in the queues at ~3,000 connects/s) shed 63k-105k AUTHs of
+    # clients that would have been answered in time, each one another connect. 0 = never.
+    accept_wait_shed_s: float = 8.0
     drain_timeout_s: float = 10.0
     # A drained instance holds its sessions DETACHED this long after sending RECONNECT, so the
     # instances its clients move to can take them over (no inbox reload, no attempt counted).

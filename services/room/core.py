@@ -44,6 +44,10 @@ PUSH_FRAME_SLACK = 512
 # not shed the first burst of a storm before it has shown what it can take (one instance does
 # ~100-1,000/s here), nor what queued during a short stall such as a GC pause.
 ACCEPT_RATE_FLOOR = 100.0
+# A shed AUTH is told to come back once the queue it met has drained (its depth over the accept
+# rate), at least overload_retry_ms and at most this: with a flat 2 s, shed clients of a storm
+# rejoined the same deep queue and were shed again, each time costing a connect (bench/RESULTS.md).
+MAX_SHED_RETRY_MS = 30_000
 # Take-overs (resume on another instance) in flight at once; past it a resume is a normal login.
 # After an instance dies its clients all come back at once with tokens naming it.
 MAX_TAKES_IN_FLIGHT = 1000
@@ -136,6 +140,7 @@ class RoomInstance:
         self._accepted_before = 0
         self._accept_checked_at = clock()
         self.shedding = False
+        self.shed_retry_ms = cfg.overload_retry_ms
         self._pong_bodies: dict[int, bytes] = {}
         self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._nets: dict[str, str] = {}
@@ -209,12 +214,16 @@ class RoomInstance:
                 pass
         now = self.clock()
         elapsed = max(now - self._accept_checked_at, 1e-3)
-        # accepts per second, smoothed over ~5 ticks so one stalled second does not look like no capacity
-        self.accept_rate += 0.2 * ((self.accepted - self._accepted_before) / elapsed - self.accept_rate)
+        # accepts per second, smoothed over ~5 ticks so one stalled second does not look like no
+        # capacity; the last tick's own rate when it is higher, so the ramp at the start of a storm
+        # (the smoothed rate still near 0 while thousands wait) is not taken for no capacity either
+        last = (self.accepted - self._accepted_before) / elapsed
+        self.accept_rate += 0.2 * (last - self.accept_rate)
         self._accept_checked_at, self._accepted_before = now, self.accepted
         shed_s = self.cfg.accept_wait_shed_s
-        rate = max(self.accept_rate, ACCEPT_RATE_FLOOR)
+        rate = max(self.accept_rate, last, ACCEPT_RATE_FLOOR)
         shedding = bool(shed_s) and waiting > rate * shed_s
+        self.shed_retry_ms = min(MAX_SHED_RETRY_MS, max(self.cfg.overload_retry_ms, int(waiting * 1000 / rate)))
         if shedding != self.shedding:
             log.warning("%s AUTHs: %d connections wait to be accepted, ~%.0f accepted/s",
                         "shedding" if shedding else "no longer shedding", waiting, self.accept_rate)
@@ -403,7 +412,7 @@ class RoomInstance:
             session.move(Event.AUTH)  # no second AUTH while this one is in progress
             if self.shedding:  # before any token or protobuf work: the point is to answer cheaply
                 self.fail(session, ErrorCode.OVERLOADED, "room is busy: too many connections waiting to be accepted",
-                          self.cfg.overload_retry_ms, seq=frame.seq)
+                          self.shed_retry_ms, seq=frame.seq)
                 return
             try:
                 auth = cpb.Auth.FromString(frame.body)

@@ -9,7 +9,7 @@ from services.common.pb import client_pb2 as cpb
 from services.room import metrics as m
 from services.room.config import RoomConfig
 from services.room.connection import ClientConnection
-from services.room.core import ACCEPT_RATE_FLOOR, RoomInstance
+from services.room.core import ACCEPT_RATE_FLOOR, MAX_SHED_RETRY_MS, RoomInstance
 
 
 class Listener:
@@ -98,6 +98,34 @@ def test_a_fast_instance_tolerates_a_deeper_queue_and_one_stalled_second():
     assert room.shedding
 
 
+def test_the_first_second_of_a_storm_is_judged_by_its_own_rate():
+    room, listener, clock = make_room(shed_s=5.0)
+    tick(room, clock, 0)  # quiet: the smoothed rate is 0
+    listener.waiting = 4000  # then a storm: 40 s at the floor rate, but 2 s at what it accepts
+    tick(room, clock, 2000)
+    assert room.accept_rate < 2000 * 0.25
+    assert not room.shedding
+    listener.waiting = 12000  # 6 s even at the last second's rate
+    tick(room, clock, 2000)
+    assert room.shedding
+
+
+def test_a_shed_auth_is_told_to_come_back_when_the_queue_it_met_has_drained():
+    room, listener, clock = make_room(shed_s=5.0)
+    for _ in range(30):
+        tick(room, clock, 1000)
+    listener.waiting = 9000  # ~9 s at ~1,000 accepts/s
+    tick(room, clock, 1000)
+    assert room.shedding
+    assert 8500 <= room.shed_retry_ms <= 9500
+    listener.waiting = 10_000_000  # never more than the cap
+    tick(room, clock, 1000)
+    assert room.shed_retry_ms == MAX_SHED_RETRY_MS
+    listener.waiting = 0  # never less than overload_retry_ms
+    tick(room, clock, 1000)
+    assert room.shed_retry_ms == room.cfg.overload_retry_ms
+
+
 def test_zero_turns_shedding_off():
     room, listener, clock = make_room(shed_s=0)
     listener.waiting = 100_000
@@ -107,7 +135,7 @@ def test_zero_turns_shedding_off():
 
 def test_a_shed_auth_gets_overloaded_with_the_retry_after_before_any_token_work():
     room, listener, clock = make_room()
-    room.shedding = True
+    room.shedding, room.shed_retry_ms = True, 7300
     conn = ClientConnection()
     t = Transport()
     conn.connection_made(t)
@@ -116,5 +144,5 @@ def test_a_shed_auth_gets_overloaded_with_the_retry_after_before_any_token_work(
     frames, _ = split(t.out, 1 << 20)
     assert [f.op for f in frames] == [Op.ERROR] and frames[0].seq == 7
     err = cpb.Error.FromString(t.out[HEADER_SIZE:])
-    assert err.code == ErrorCode.OVERLOADED and err.fatal and err.retry_after_ms == room.cfg.overload_retry_ms
+    assert err.code == ErrorCode.OVERLOADED and err.fatal and err.retry_after_ms == 7300
     assert t.closed
