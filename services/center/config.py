@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.config import require
+from services.common.config import not_placeholder, require
 
 # A PUSH frame carries the payload plus a header (12 bytes) and the Message envelope (msg_id,
 # app id up to 64 bytes, created_ms, seq: < 128 bytes); 1 KiB of headroom keeps every payload
@@ -71,6 +71,7 @@ class CenterConfig:
         require(0 <= self.port < 65536, "center.port", "must be a TCP port (0 = any free port)")
         require(0 <= self.metrics_port < 65536, "center.metrics_port", "must be a TCP port or 0")
         require(not self.admin_key or len(self.admin_key) >= 8, "center.admin_key", "must be empty or >= 8 characters")
+        not_placeholder(self.admin_key, "center.admin_key")
         require(1024 <= self.max_body_bytes <= 64 * 1024 * 1024, "center.max_body_bytes", "must be 1 KiB .. 64 MiB")
         require(1 <= self.processes <= 64, "center.processes", "must be 1 .. 64")
         require(self.processes == 1 or self.port != 0, "center.processes",

@@ -51,6 +51,7 @@ class CommonConfig:
     def validate(self) -> None:
         require(self.redis_url.startswith(("redis://", "rediss://", "unix://")), "pylon.redis_url", "must be a redis:// URL")
         require(0 < self.mysql_port < 65536, "pylon.mysql_port", "must be a TCP port")
+        not_placeholder(self.mysql_password, "pylon.mysql_password")
         require(self.discovery_ttl_s >= 1, "pylon.discovery_ttl_s", "must be >= 1")
         require(self.rpc_channels_per_target >= 1, "pylon.rpc_channels_per_target", "must be >= 1")
         require(self.rpc_deadline_s > 0, "pylon.rpc_deadline_s", "must be > 0")
@@ -61,6 +62,17 @@ class CommonConfig:
 def require(ok: bool, key: str, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {why}")
+
+
+# The example secrets (deploy/k8s/secret.yaml) start with this; a service refuses them, so a
+# cluster applied without replacing them does not run with a key anyone can read in the repository.
+PLACEHOLDER_PREFIX = "CHANGE-ME"
+
+
+def not_placeholder(value: str, key: str) -> None:
+    require(not value.upper().startswith(PLACEHOLDER_PREFIX), key,
+            f"is still the placeholder {value[:len(PLACEHOLDER_PREFIX)]}...; set a secret of your own "
+            "(for example: openssl rand -hex 16)")
 
 
 def _coerce(key: str, raw: Any, kind: Any) -> Any:

@@ -35,6 +35,26 @@ def test_bad_config_is_a_clear_error(values, needle):
     assert needle in str(err.value)
 
 
+@pytest.mark.parametrize("kind, section, values, needle", [
+    ("center", "center", {"admin_key": "CHANGE-ME-admin-key"}, "center.admin_key"),
+    ("center", "center", {"admin_key": "change-me-please"}, "center.admin_key"),
+    ("common", "pylon", {"mysql_password": "CHANGE-ME-mysql-password"}, "pylon.mysql_password"),
+])
+def test_the_example_secrets_placeholders_are_refused(kind, section, values, needle):
+    from services.center.config import CenterConfig
+    cls = CenterConfig if kind == "center" else CommonConfig
+    with pytest.raises(ConfigError) as err:
+        build(cls, section, values, {})
+    assert needle in str(err.value) and "placeholder" in str(err.value)
+    assert "admin-key" not in str(err.value) and "mysql-password" not in str(err.value)  # not echoed whole
+
+
+def test_a_real_secret_passes():
+    from services.center.config import CenterConfig
+    assert build(CenterConfig, "center", {"admin_key": "3f9c0a7e5b1d2c4e"}, {}).admin_key == "3f9c0a7e5b1d2c4e"
+    assert build(CommonConfig, "pylon", {"mysql_password": "s3cret-pass"}, {}).mysql_password == "s3cret-pass"
+
+
 def test_heartbeat_by_network_and_clamp():
     cfg = RoomConfig()
     assert cfg.heartbeat_for("cellular") == 270 and cfg.heartbeat_for("wifi") == 360
