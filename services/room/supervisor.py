@@ -41,9 +41,17 @@ log = logging.getLogger("room")
 RESTARTS = Gauge("pylon_room_instance_restarts", "Times the supervisor started this room instance again after it died")
 
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
-# Instances drain within drain_timeout_s; one still alive this much later is killed.
+# Instances drain within drain_handover_s (sessions wait to be taken over) plus drain_timeout_s
+# (the last flushes to register and saver); one still alive this much later is killed.
 _KILL_AFTER_DRAIN_S = 5.0
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def drain_deadline_s(cfg) -> float:
+    """How long after SIGTERM the supervisor kills an instance still draining: its hand-over
+    window, its flush deadline and a margin (the kill must not cut the flushes of acks,
+    delivery counts and unregistrations short)."""
+    return cfg.drain_handover_s + cfg.drain_timeout_s + _KILL_AFTER_DRAIN_S
 
 
 def _preload() -> None:
@@ -83,7 +91,7 @@ class RoomSupervisor:
         k = cfg.instance_count()
         self.common = common
         self.serve = serve
-        self.drain_timeout_s = cfg.drain_timeout_s
+        self.drain_s = drain_deadline_s(cfg)
         self.slots = [
             InstanceSlot(i, dataclasses.replace(cfg, instances=1, port=cfg.port + i, grpc_port=cfg.grpc_port + i,
                                                 metrics_port=cfg.metrics_port + i if cfg.metrics_port else 0,
@@ -193,7 +201,7 @@ class RoomSupervisor:
     def _on_stop_signal(self, sig, _frame) -> None:
         if not self.stopping:
             self.stopping = True
-            self.kill_at = time.monotonic() + self.drain_timeout_s + _KILL_AFTER_DRAIN_S
+            self.kill_at = time.monotonic() + self.drain_s
             pending = [s.index for s in self.slots if s.restart_at]
             for slot in self.slots:
                 slot.restart_at = 0.0
