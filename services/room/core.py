@@ -141,7 +141,6 @@ class RoomInstance:
         self._accept_checked_at = clock()
         self.shedding = False
         self.shed_retry_ms = cfg.overload_retry_ms
-        self._fastest_wait_ms: int | None = None  # quickest timed accept since the last check
         self._pong_bodies: dict[int, bytes] = {}
         self._app_tuples: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._nets: dict[str, str] = {}
@@ -201,14 +200,10 @@ class RoomInstance:
     def check_accept_queue(self) -> None:
         """Read how many connections wait in the listen sockets' accept queues (TCP_INFO of a
         listening socket carries it) and shed AUTHs while that is more than
-        ``accept_wait_shed_s`` of the accept rate (at least ``ACCEPT_RATE_FLOOR``), or while even
-        the quickest of the connections timed since the last check (1 in ``ACCEPT_WAIT_SAMPLE``)
-        waited longer than that: those clients would otherwise wait unseen past their AUTH
-        timeout and come back anyway, without a retry-after to spread them. A shed AUTH costs a
-        fraction of a full one, so the queue drains faster for everyone behind it. The measured
-        wait covers what the estimate cannot see: an instance of a big host accepts fewer than
-        the floor's 100/s in a storm (~23/s at 1M over 56 instances), where 285 waiting
-        connections are ~12 s of queue, not 2.9 s."""
+        ``accept_wait_shed_s`` of the accept rate (at least ``ACCEPT_RATE_FLOOR``): those
+        clients would otherwise wait unseen past their AUTH timeout and come back anyway,
+        without a retry-after to spread them. A shed AUTH costs a fraction of a full one, so
+        the queue drains faster for everyone behind it."""
         if not self.listeners:
             return
         waiting = 0
@@ -227,16 +222,11 @@ class RoomInstance:
         self._accept_checked_at, self._accepted_before = now, self.accepted
         shed_s = self.cfg.accept_wait_shed_s
         rate = max(self.accept_rate, last, ACCEPT_RATE_FLOOR)
-        fastest_ms, self._fastest_wait_ms = self._fastest_wait_ms, None
-        queue_ms = int(waiting * 1000 / rate)
-        standing = fastest_ms is not None and waiting > 0 and fastest_ms > shed_s * 1000
-        shedding = bool(shed_s) and (waiting > rate * shed_s or standing)
-        drain_ms = max(queue_ms, fastest_ms or 0) if standing else queue_ms
-        self.shed_retry_ms = min(MAX_SHED_RETRY_MS, max(self.cfg.overload_retry_ms, drain_ms))
+        shedding = bool(shed_s) and waiting > rate * shed_s
+        self.shed_retry_ms = min(MAX_SHED_RETRY_MS, max(self.cfg.overload_retry_ms, int(waiting * 1000 / rate)))
         if shedding != self.shedding:
-            log.warning("%s AUTHs: %d connections wait to be accepted, ~%.0f accepted/s%s",
-                        "shedding" if shedding else "no longer shedding", waiting, self.accept_rate,
-                        f", the quickest timed one waited {fastest_ms} ms" if fastest_ms is not None else "")
+            log.warning("%s AUTHs: %d connections wait to be accepted, ~%.0f accepted/s",
+                        "shedding" if shedding else "no longer shedding", waiting, self.accept_rate)
         self.shedding = shedding
         m.ACCEPT_QUEUE.set(waiting)
         m.ACCEPT_SHEDDING.set(int(shedding))
@@ -315,8 +305,6 @@ class RoomInstance:
             waited = accept_wait_ms(sock)
         except OSError:
             return
-        if self._fastest_wait_ms is None or waited < self._fastest_wait_ms:
-            self._fastest_wait_ms = waited
         for limit, count in ACCEPT_WAIT_BUCKETS:
             if waited < limit:
                 count.inc()

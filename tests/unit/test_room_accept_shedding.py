@@ -24,23 +24,10 @@ class Listener:
         return bytes(raw)
 
 
-class AcceptedSocket:
-    """A just-accepted connection as TCP_INFO shows it: tcpi_last_data_recv = ms it waited."""
-
-    def __init__(self, waited_ms: int) -> None:
-        self.waited_ms = waited_ms
-
-    def getsockopt(self, level, option, size):
-        raw = bytearray(size)
-        struct.pack_into("I", raw, 52, self.waited_ms)
-        return bytes(raw)
-
-
 class Transport:
-    def __init__(self, sock=None) -> None:
+    def __init__(self) -> None:
         self.out = b""
         self.closed = False
-        self.sock = sock
 
     def write(self, data: bytes) -> None:
         self.out += data
@@ -57,8 +44,6 @@ class Transport:
         pass
 
     def get_extra_info(self, name, default=None):
-        if name == "socket" and self.sock is not None:
-            return self.sock
         return default  # no peer address: the per-address access policy does not apply
 
 
@@ -161,48 +146,3 @@ def test_a_shed_auth_gets_overloaded_with_the_retry_after_before_any_token_work(
     err = cpb.Error.FromString(t.out[HEADER_SIZE:])
     assert err.code == ErrorCode.OVERLOADED and err.fatal and err.retry_after_ms == 7300
     assert t.closed
-
-
-def timed_accept(room, waited_ms: int) -> None:
-    """One accept the room times (as 1 in ACCEPT_WAIT_SAMPLE are), that waited ``waited_ms``."""
-    conn = ClientConnection()
-    conn.transport = Transport(AcceptedSocket(waited_ms))
-    room._time_accept(conn)
-
-
-def test_a_slow_instance_sheds_when_its_timed_accepts_waited_too_long():
-    room, listener, clock = make_room(shed_s=8.0)
-    for _ in range(30):
-        tick(room, clock, 23)  # ~23 accepts/s: one of 56 instances in a 1M storm
-    listener.waiting = 285  # 2.9 s at the floor rate: the estimate alone does not shed
-    tick(room, clock, 23)
-    assert not room.shedding
-    timed_accept(room, 12_400)
-    timed_accept(room, 11_900)
-    tick(room, clock, 23)
-    assert room.shedding
-    assert 11_900 <= room.shed_retry_ms <= 12_400  # come back once that queue has drained
-    # a tick whose quickest timed accept waited less: no longer a standing queue
-    timed_accept(room, 13_000)
-    timed_accept(room, 900)
-    tick(room, clock, 23)
-    assert not room.shedding
-
-
-def test_a_measured_wait_sheds_only_while_connections_still_wait():
-    room, listener, clock = make_room(shed_s=8.0)
-    listener.waiting = 0  # the queue is empty now: the next connection is accepted at once
-    timed_accept(room, 20_000)
-    tick(room, clock, 5)
-    assert not room.shedding
-    listener.waiting = 3
-    tick(room, clock, 5)  # no accept timed since the last check: the estimate decides
-    assert not room.shedding
-
-
-def test_a_measured_wait_does_not_shed_when_shedding_is_off():
-    room, listener, clock = make_room(shed_s=0)
-    listener.waiting = 300
-    timed_accept(room, 60_000)
-    tick(room, clock, 5)
-    assert not room.shedding
