@@ -58,8 +58,10 @@ class RoomConfig:
     # gRPC holds 3,020/s at 484 us: the calls return sooner, so more of the storm's handshakes
     # wait in the accept queues instead of in batches, past accept_wait_shed_s, and every shed
     # AUTH comes back as another connect. Over lanes with shedding off the same storm held at
-    # 2,776/s, 471 us. Off until the shed rule is reworked for it and checked at 1M. Acks,
-    # delivery counts, kicks and take-overs use lanes either way, and so do center's calls.
+    # 2,776/s, 471 us. With the shed rule of 2516894 (8 s, drain-time retry-after) the storm over
+    # lanes ran at 2,240/s against 2,782/s over gRPC (smaller batches: 0.039 Register calls per
+    # connect against 0.019), so it stays off. Acks, delivery counts, kicks and take-overs use
+    # lanes either way, and so do center's calls.
     connect_path_lanes: bool = False
     # Broadcasts: a fan-out gathers the broadcasts that keep arriving for its app this long (up to
     # four times as long while they keep coming), so a burst leaves as a few PUSH frames per
