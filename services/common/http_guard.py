@@ -82,9 +82,12 @@ def classify(exc: BaseException | None) -> tuple[int, str, str]:
     return 400, "bad_request", f"malformed HTTP request: {detail}"
 
 
+def _error_body(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
+
+
 def _json_error(status: int, code: str, message: str) -> web.Response:
-    body = json.dumps({"error": {"code": code, "message": message}}, separators=(",", ":")).encode()
-    resp = web.Response(status=status, body=body, content_type="application/json")
+    resp = web.Response(status=status, body=_error_body(code, message), content_type="application/json")
     resp.force_close()  # the parser's state is unknown after a refusal
     return resp
 
@@ -120,10 +123,9 @@ class JsonErrorRequestHandler(RequestHandler):
         if transport is None or transport.is_closing():
             return
         peer = transport.get_extra_info("peername")
-        _WARNING.warn("refused a request from %s: 408 request head not complete within %g s",
-                      peer[0] if isinstance(peer, tuple) else peer, self._manager.header_timeout_s)
-        body = json.dumps({"error": {"code": "request_timeout", "message": "request head not complete within "
-                                     f"{self._manager.header_timeout_s:g} s"}}, separators=(",", ":")).encode()
+        text = f"request head not complete within {self._manager.header_timeout_s:g} s"
+        _WARNING.warn("refused a request from %s: 408 %s", peer[0] if isinstance(peer, tuple) else peer, text)
+        body = _error_body("request_timeout", text)
         transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: "
                         + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
         self.force_close()
